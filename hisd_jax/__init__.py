@@ -1,0 +1,1 @@
+"""hisd_jax: multi-exit and multitask training in JAX/Flax."""
