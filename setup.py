@@ -1,4 +1,5 @@
 """Package metadata for hisd_jax."""
+
 from setuptools import find_packages, setup
 
 # Minimum versions are the ones the test suite was run against (2026-11).
@@ -11,11 +12,11 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1.0",
     "chex>=0.1.90",
     "numpy>=2.0",
-    "scikit-learn>=1.5",        # ships the embedded handwritten digits
+    "scikit-learn>=1.5",  # ships the embedded handwritten digits
     "tensorflow-datasets>=4.9.9",  # tfds.data_source (no TensorFlow needed)
     "grain>=0.2.12",
     "matplotlib>=3.9",
-    "tensorboardX>=2.6.2",      # TensorBoard event files without TensorFlow
+    "tensorboardX>=2.6.2",  # TensorBoard event files without TensorFlow
 ]
 
 setup(
