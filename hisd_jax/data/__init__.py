@@ -1,0 +1,88 @@
+"""Datasets, sources and batch iterators.
+
+A dataset is a `Dataset`: three random-access `Source`s ('train', 'val', 'test'), the image
+shape and the tasks it offers. `get_dataset(name, seed=..., **kwargs)` builds one by name:
+
+  digits       sklearn's 1797 8x8 handwritten digits, split by source image (embedded.py)
+  multidigits  two digits on a 12x12 canvas, MultiMNIST-style; left/right/sum/... (embedded.py)
+  mnist, cifar10, cifar100, multimnist   TFDS via `tfds.data_source` + grain (tfds_sources.py)
+
+Batches are dicts of numpy arrays: 'image' float32 [n, H, W, C], 'index' int32 [n] (a stable
+example id: see each builder), every task's `label_key` (int32 class ids or float32 targets) and
+dataset-specific extras. Images are scaled to [0, 1] and then standardised, `(x - mean) / std`
+(pass `normalize=False` to keep [0, 1]): the embedded datasets use the scalar pixel mean/std of
+their own train split; the TFDS datasets use the usual published per-channel constants
+(`tfds_sources.NORMALIZATION`).
+
+`BatchIterator` (pipeline.py) is the deterministic, sharded, checkpointable training iterator;
+`eval_batches` visits a split once with padding and a 'mask'.
+
+The builders are imported lazily, so importing this package does not import TFDS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Protocol
+
+import numpy as np
+
+from hisd_jax.data.pipeline import BatchIterator, eval_batches
+
+__all__ = [
+    "DATASETS",
+    "BatchIterator",
+    "Dataset",
+    "Source",
+    "TaskInfo",
+    "eval_batches",
+    "get_dataset",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """One prediction task of a dataset."""
+
+    name: str  # e.g. "label", "left", "right", "sum"
+    kind: str  # "classification" | "regression"
+    num_classes: int  # 0 for regression
+    label_key: str  # key of the target in the batch dict
+
+
+class Source(Protocol):
+    """Random access over one split."""
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Examples at positions `indices` (0 <= i < len) of this split, stacked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    splits: dict[str, Source]  # always 'train', 'val', 'test'
+    image_shape: tuple[int, int, int]
+    tasks: dict[str, TaskInfo]  # all tasks this dataset offers
+
+
+# name -> (module under hisd_jax.data, builder function). Every builder takes `seed` and keywords.
+_BUILDERS = {
+    "digits": ("embedded", "digits"),
+    "multidigits": ("embedded", "multidigits"),
+    "mnist": ("tfds_sources", "mnist"),
+    "cifar10": ("tfds_sources", "cifar10"),
+    "cifar100": ("tfds_sources", "cifar100"),
+    "multimnist": ("tfds_sources", "multimnist"),
+}
+DATASETS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def get_dataset(name: str, *, seed: int = 0, **kwargs) -> Dataset:
+    """Builds the dataset registered as `name`; `kwargs` go to its builder."""
+    if name not in _BUILDERS:
+        raise ValueError(f"data.name={name!r} is not one of {', '.join(DATASETS)}")
+    module, builder = _BUILDERS[name]
+    return getattr(importlib.import_module(f"hisd_jax.data.{module}"), builder)(seed=seed, **kwargs)

@@ -1,0 +1,282 @@
+"""Embedded datasets (digits, multidigits) and the batch pipeline."""
+
+import itertools
+import json
+import threading
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from hisd_jax.data import DATASETS, BatchIterator, eval_batches, get_dataset
+from hisd_jax.data.embedded import ArraySource
+
+SKLEARN = load_digits()
+SIZES = dict(num_train=3000, num_val=500, num_test=500)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return get_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def multidigits():
+    return get_dataset("multidigits", seed=0, **SIZES)
+
+
+def everything(source):
+    return source.get_batch(np.arange(len(source)))
+
+
+def test_registry():
+    assert DATASETS == ("digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist")
+    message = (
+        r"^data.name='x' is not one of digits, multidigits, mnist, cifar10, cifar100, "
+        r"multimnist$"
+    )
+    with pytest.raises(ValueError, match=message):
+        get_dataset("x")
+
+
+def test_digits_splits_disjoint_and_cover_all(digits):
+    assert set(digits.splits) == {"train", "val", "test"}
+    rows = {split: everything(source)["index"] for split, source in digits.splits.items()}
+    all_rows = np.concatenate(list(rows.values()))
+    assert len(all_rows) == 1797 and set(all_rows) == set(range(1797))
+    assert abs(len(rows["train"]) - 0.6 * 1797) < 10 and abs(len(rows["val"]) - 0.2 * 1797) < 10
+    assert digits.image_shape == (8, 8, 1)
+    assert list(digits.tasks) == ["label"] and digits.tasks["label"].num_classes == 10
+
+
+def test_digits_content_and_normalisation(digits):
+    raw = get_dataset("digits", seed=0, normalize=False)
+    for split in ("train", "test"):
+        batch = everything(raw.splits[split])
+        assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+        assert batch["index"].dtype == np.int32
+        np.testing.assert_array_equal(batch["label"], SKLEARN.target[batch["index"]])
+        np.testing.assert_allclose(batch["image"][..., 0], SKLEARN.images[batch["index"]] / 16)
+    train = everything(digits.splits["train"])["image"]
+    assert abs(train.mean()) < 1e-4 and abs(train.std() - 1) < 1e-4
+
+
+def test_digits_split_depends_on_seed(digits):
+    other = get_dataset("digits", seed=1)
+    assert not np.array_equal(
+        everything(digits.splits["val"])["index"], everything(other.splits["val"])["index"]
+    )
+
+
+def test_multidigits_sources_never_cross_splits(multidigits, digits):
+    sources = {}
+    for split, source in multidigits.splits.items():
+        batch = everything(source)
+        assert len(source) == SIZES[f"num_{split}"]
+        np.testing.assert_array_equal(batch["index"], np.arange(len(source)))
+        assert (batch["src_left"] != batch["src_right"]).all()
+        sources[split] = set(batch["src_left"]) | set(batch["src_right"])
+        # Drawn from the digits split of the same seed.
+        assert sources[split] <= set(everything(digits.splits[split])["index"])
+    for a, b in itertools.combinations(sources.values(), 2):
+        assert not a & b
+
+
+def test_multidigits_labels(multidigits):
+    for source in multidigits.splits.values():
+        b = everything(source)
+        np.testing.assert_array_equal(b["left"], SKLEARN.target[b["src_left"]])
+        np.testing.assert_array_equal(b["right"], SKLEARN.target[b["src_right"]])
+        np.testing.assert_array_equal(b["sum"], b["left"] + b["right"])
+        np.testing.assert_array_equal(b["same_parity"], b["left"] % 2 == b["right"] % 2)
+        np.testing.assert_array_equal(b["left_gt_right"], b["left"] > b["right"])
+        for key, task in multidigits.tasks.items():
+            assert task.label_key == key
+            if task.kind == "classification":
+                assert b[key].dtype == np.int32
+                assert 0 <= b[key].min() and b[key].max() < task.num_classes
+            else:
+                assert b[key].dtype == np.float32
+    assert multidigits.tasks["sum"].num_classes == 19
+    assert multidigits.tasks["ink"].kind == "regression"
+    train = everything(multidigits.splits["train"])
+    assert abs(train["ink"].mean()) < 1e-4 and abs(train["ink"].std() - 1) < 1e-3
+    assert abs(train["image"].mean()) < 1e-4 and abs(train["image"].std() - 1) < 1e-3
+    # ink is an affine function of the raw canvas's mean intensity.
+    raw = everything(get_dataset("multidigits", seed=0, normalize=False, **SIZES).splits["train"])
+    assert np.corrcoef(raw["image"].mean(axis=(1, 2, 3)), raw["ink"])[0, 1] > 0.99999
+
+
+def test_multidigits_reconstructs_from_sklearn_images():
+    """Every canvas is max(left at (dy, dx), right at (4 - dy', 4 - dx')) for shifts in [0, 2]."""
+    data = get_dataset("multidigits", seed=3, normalize=False, num_train=20, num_val=2, num_test=2)
+    batch = everything(data.splits["train"])
+    images = (SKLEARN.images / 16).astype(np.float32)
+    for image, left, right in zip(batch["image"][..., 0], batch["src_left"], batch["src_right"]):
+        matches = []
+        for dy, dx, dy2, dx2 in itertools.product(range(3), repeat=4):
+            a, b = np.zeros((12, 12), np.float32), np.zeros((12, 12), np.float32)
+            a[dy : dy + 8, dx : dx + 8] = images[left]
+            b[4 - dy2 : 12 - dy2, 4 - dx2 : 12 - dx2] = images[right]
+            matches.append(np.array_equal(np.maximum(a, b), image))
+        assert any(matches)
+
+
+def test_multidigits_determinism_and_config():
+    a = get_dataset("multidigits", seed=5, num_train=200, num_val=20, num_test=20)
+    b = get_dataset("multidigits", seed=5, num_train=200, num_val=20, num_test=20)
+    c = get_dataset("multidigits", seed=6, num_train=200, num_val=20, num_test=20)
+    for split in ("train", "val", "test"):
+        x, y, z = (everything(d.splits[split]) for d in (a, b, c))
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+        assert not np.array_equal(x["src_left"], z["src_left"])
+    big = get_dataset("multidigits", canvas=16, max_shift=4, num_train=10, num_val=2, num_test=2)
+    assert big.image_shape == (16, 16, 1)
+    assert big.splits["val"].get_batch(np.arange(2))["image"].shape == (2, 16, 16, 1)
+    with pytest.raises(ValueError, match="canvas"):
+        get_dataset("multidigits", canvas=10, max_shift=3)
+    with pytest.raises(ValueError, match="fractions"):
+        get_dataset("multidigits", fractions=(0.5, 0.5, 0.5))
+
+
+# ---------------------------------------------------------------- pipeline
+
+N = 50
+
+
+def toy_source(n=N):
+    return ArraySource(
+        {"index": np.arange(n, dtype=np.int32), "x": np.arange(n, dtype=np.float32)[:, None] * 2}
+    )
+
+
+def take(iterator, k):
+    return [next(iterator)["index"] for _ in range(k)]
+
+
+def test_same_seed_same_batches_and_prefetch_does_not_matter():
+    its = [BatchIterator(toy_source(), 8, seed=1, prefetch=p) for p in (0, 1, 2, 2)]
+    other = BatchIterator(toy_source(), 8, seed=2)
+    runs = [take(it, 20) for it in its]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(runs[0], run)
+    assert not np.array_equal(runs[0], take(other, 20))
+    for it in [*its, other]:
+        it.close()
+
+
+def test_epochs_are_seeded_permutations_visited_once():
+    it = BatchIterator(toy_source(), 7, seed=4)  # 7 does not divide 50: batches straddle epochs
+    stream = np.concatenate(take(it, 15))  # 105 positions: two full epochs and a bit
+    it.close()
+    for epoch in range(2):
+        order = stream[epoch * N : (epoch + 1) * N]
+        np.testing.assert_array_equal(order, np.random.default_rng([4, epoch]).permutation(N))
+    assert not np.array_equal(stream[:N], stream[N : 2 * N])
+    plain = BatchIterator(toy_source(), 20, seed=4, shuffle=False, prefetch=0)
+    np.testing.assert_array_equal(np.concatenate(take(plain, 5)), np.tile(np.arange(N), 2))
+
+
+def test_batch_contents_follow_indices():
+    it = BatchIterator(toy_source(), 10, seed=0, prefetch=0)
+    batch = next(it)
+    np.testing.assert_array_equal(batch["x"][:, 0], batch["index"] * 2)
+
+
+def test_resume_is_exact():
+    it = BatchIterator(toy_source(), 8, seed=3)
+    take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state == {"step": 7, "seed": 3}
+    expected = take(it, 9)
+    fresh = BatchIterator(toy_source(), 8, seed=3)
+    fresh.set_state(state)  # before the first next()
+    np.testing.assert_array_equal(take(fresh, 9), expected)
+    it.set_state({"step": 7, "seed": 3})  # rewind while the prefetch thread runs
+    np.testing.assert_array_equal(take(it, 9), expected)
+    for i in (it, fresh):
+        i.close()
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_shards_make_the_global_batch(process_count):
+    whole = BatchIterator(toy_source(), 12, seed=0)
+    shards = [
+        BatchIterator(toy_source(), 12, seed=0, process_index=p, process_count=process_count)
+        for p in range(process_count)
+    ]
+    for _ in range(10):
+        expected = next(whole)["index"]
+        parts = [next(s)["index"] for s in shards]
+        assert all(len(p) == 12 // process_count for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), expected)
+    for it in [whole, *shards]:
+        it.close()
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+def test_eval_batches_cover_each_example_once(process_count):
+    per_process = [
+        list(eval_batches(toy_source(), 16, process_index=p, process_count=process_count))
+        for p in range(process_count)
+    ]
+    assert all(len(b) == 4 for b in per_process)  # ceil(50 / 16)
+    seen = []
+    for step in range(4):
+        batch = {k: np.concatenate([b[step][k] for b in per_process]) for k in ("index", "mask")}
+        assert batch["mask"].dtype == np.float32 and len(batch["mask"]) == 16
+        seen.append(batch["index"][batch["mask"] == 1])
+        expected_mask = (step * 16 + np.arange(16) < N).astype(np.float32)
+        np.testing.assert_array_equal(batch["mask"], expected_mask)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(N))
+
+
+def test_bad_arguments():
+    src = toy_source()
+    for kwargs in (
+        dict(global_batch_size=0),
+        dict(global_batch_size=10, process_count=3),
+        dict(global_batch_size=10, process_count=2, process_index=2),
+        dict(global_batch_size=10, process_index=-1),
+    ):
+        with pytest.raises(ValueError):
+            BatchIterator(src, seed=0, **kwargs)
+        with pytest.raises(ValueError):
+            eval_batches(src, **kwargs)
+    with pytest.raises(ValueError):
+        BatchIterator(src, 10, seed=0, prefetch=-1)
+    with pytest.raises(ValueError):
+        BatchIterator(toy_source(0), 10, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        BatchIterator(src, 10, seed=0).set_state({"step": 3, "seed": 1})
+
+
+def prefetch_threads():
+    return sum(t.name == "BatchIterator" for t in threading.enumerate())
+
+
+def test_threads_are_closed_and_errors_propagate():
+    before = prefetch_threads()
+    its = [BatchIterator(toy_source(), 8, seed=0) for _ in range(3)]
+    for it in its:
+        next(it)
+        it.set_state({"step": 0, "seed": 0})
+        next(it)
+    assert prefetch_threads() == before + 3
+    for it in its:
+        it.close()
+    assert prefetch_threads() == before
+
+    class Broken:
+        def __len__(self):
+            return 10
+
+        def get_batch(self, indices):
+            raise RuntimeError("broken source")
+
+    it = BatchIterator(Broken(), 2, seed=0)
+    with pytest.raises(RuntimeError, match="broken source"):
+        next(it)
+    assert it.get_state()["step"] == 0
+    it.close()

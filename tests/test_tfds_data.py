@@ -1,0 +1,124 @@
+"""TFDS-backed datasets, exercised only under `tfds.testing.mock_data` (nothing is downloaded)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from hisd_jax.data import BatchIterator, eval_batches, get_dataset
+
+N = 20  # mock records per TFDS split
+
+
+@pytest.fixture
+def mock():
+    with tfds.testing.mock_data(num_examples=N):
+        yield
+
+
+def everything(source):
+    return source.get_batch(np.arange(len(source)))
+
+
+def raw_records(name, split):
+    source = tfds.data_source(name, split=split, download=False)
+    return [source[i] for i in range(len(source))]
+
+
+@pytest.mark.parametrize(
+    "name, shape, classes",
+    [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10), ("cifar100", (32, 32, 3), 100)],
+)
+def test_classification_sources(mock, name, shape, classes):
+    data = get_dataset(name)
+    assert data.image_shape == shape and data.tasks["label"].num_classes == classes
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 18, "val": 2, "test": 20}
+    raw = get_dataset(name, normalize=False)
+    for split, tfds_split, first in [
+        ("train", "train", 0),
+        ("val", "train", 18),
+        ("test", "test", 0),
+    ]:
+        batch, plain = everything(data.splits[split]), everything(raw.splits[split])
+        assert batch["image"].dtype == np.float32 and batch["image"].shape[1:] == shape
+        assert batch["index"].dtype == np.int32 and batch["label"].dtype == np.int32
+        np.testing.assert_array_equal(batch["index"], first + np.arange(len(batch["index"])))
+        assert 0 <= plain["image"].min() and plain["image"].max() <= 1
+        assert 0 <= batch["label"].min() and batch["label"].max() < classes
+        records = raw_records(name, tfds_split)
+        for image, label, index in zip(plain["image"], batch["label"], batch["index"]):
+            np.testing.assert_allclose(image, records[index]["image"] / 255, atol=1e-6)
+            assert label == records[index]["label"]
+    if name == "cifar100":
+        assert data.tasks["coarse_label"].num_classes == 20
+        assert everything(data.splits["test"])["coarse_label"].max() < 20
+
+
+def test_index_is_stable_across_val_fractions(mock):
+    a, b = get_dataset("mnist", val_fraction=0.1), get_dataset("mnist", val_fraction=0.2)
+    assert len(b.splits["val"]) == 4
+    np.testing.assert_array_equal(everything(b.splits["val"])["index"], [16, 17, 18, 19])
+    np.testing.assert_array_equal(
+        a.splits["val"].get_batch(np.array([1]))["image"],
+        b.splits["val"].get_batch(np.array([3]))["image"],
+    )
+    with pytest.raises(ValueError, match="val_fraction"):
+        get_dataset("mnist", val_fraction=0.0)
+
+
+def test_multimnist(mock):
+    data = get_dataset("multimnist", seed=0)
+    assert data.image_shape == (28, 28, 1) and set(data.tasks) == {"left", "right"}
+    bounds = {"train": (0, 18), "val": (18, 20), "test": (0, 20)}
+    for split, (first, stop) in bounds.items():
+        batch = everything(data.splits[split])
+        assert batch["image"].shape == (stop - first, 28, 28, 1)
+        assert batch["image"].dtype == np.float32
+        np.testing.assert_array_equal(batch["index"], np.arange(first, stop))
+        np.testing.assert_array_equal(batch["src_left"], batch["index"])
+        assert (batch["src_right"] != batch["src_left"]).all()
+        assert first <= batch["src_right"].min() and batch["src_right"].max() < stop
+        records = raw_records("mnist", "test" if split == "test" else "train")
+        labels = np.array([r["label"] for r in records])
+        np.testing.assert_array_equal(batch["left"], labels[batch["src_left"]])
+        np.testing.assert_array_equal(batch["right"], labels[batch["src_right"]])
+    again, other = get_dataset("multimnist", seed=0), get_dataset("multimnist", seed=1)
+    train = everything(data.splits["train"])
+    np.testing.assert_array_equal(train["image"], everything(again.splits["train"])["image"])
+    assert not np.array_equal(train["src_right"], everything(other.splits["train"])["src_right"])
+
+
+def test_multimnist_reconstructs_from_records(mock):
+    """Example 0 is max(left at (dy, dx), right at (8 - dy', 8 - dx')) on 36x36, resized to 28."""
+    example = get_dataset("multimnist", normalize=False).splits["test"].get_batch(np.array([0]))
+    records = raw_records("mnist", "test")
+    left = records[0]["image"][..., 0].astype(np.float32)
+    right = records[example["src_right"][0]]["image"][..., 0].astype(np.float32)
+    found = []
+    for dy, dx, dy2, dx2 in itertools.product(range(5), repeat=4):
+        a, b = np.zeros((36, 36), np.float32), np.zeros((36, 36), np.float32)
+        a[dy : dy + 28, dx : dx + 28] = left
+        b[8 - dy2 : 36 - dy2, 8 - dx2 : 36 - dx2] = right
+        resized = np.asarray(Image.fromarray(np.maximum(a, b)).resize((28, 28), Image.BILINEAR))
+        found.append(np.allclose(resized / 255, example["image"][0, ..., 0], atol=1e-6))
+    assert sum(found) >= 1
+
+
+@pytest.mark.parametrize("name", ["cifar10", "multimnist"])
+def test_iterators_over_tfds_sources(mock, name):
+    train = get_dataset(name).splits["train"]
+    whole = BatchIterator(train, 8, seed=0)
+    halves = [BatchIterator(train, 8, seed=0, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(4):  # 32 examples: crosses the 18-example epoch
+        batch = next(whole)
+        parts = [next(h) for h in halves]
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
+    for it in [whole, *halves]:
+        it.close()
+    batches = list(eval_batches(train, 8))
+    assert len(batches) == 3 and batches[-1]["mask"].sum() == 2
+    seen = np.concatenate([b["index"][b["mask"] == 1] for b in batches])
+    np.testing.assert_array_equal(seen, np.arange(18))
