@@ -1,0 +1,51 @@
+"""Models: a registry from config to a `MultiExitNet`."""
+
+import jax.numpy as jnp
+
+from hisd_jax.models.backbones import BACKBONES, backbone_blocks
+from hisd_jax.models.multi_exit import MultiExitNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def task_outputs(tasks) -> tuple[tuple[str, int], ...]:
+    """(name, number of outputs) for each TaskInfo; regression tasks have one output."""
+    return tuple((t.name, t.num_classes if t.kind == "classification" else 1) for t in tasks)
+
+
+def exit_positions(model_cfg) -> tuple[int, ...]:
+    """The block counts after which the exits sit (config override or one per stage)."""
+    _, default = backbone_blocks(
+        model_cfg.name, model_cfg.width, model_cfg.get("stage_sizes"), model_cfg.get("strides")
+    )
+    exits = model_cfg.get("exits")
+    return tuple(exits) if exits else default
+
+
+def build_model(model_cfg, tasks, cut_at=None) -> MultiExitNet:
+    """Builds the model named by `model_cfg.name` with one head per task at every exit.
+
+    Args:
+      model_cfg: the config's `model` section (see configs/common.py for the fields).
+      tasks: TaskInfo objects the heads predict.
+      cut_at: overrides `model_cfg.cut_at` (an exit index): build only up to that exit.
+    """
+    blocks, _ = backbone_blocks(
+        model_cfg.name, model_cfg.width, model_cfg.get("stage_sizes"), model_cfg.get("strides")
+    )
+    cut = model_cfg.get("cut_at") if cut_at is None else cut_at
+    return MultiExitNet(
+        blocks=blocks,
+        exit_after=exit_positions(model_cfg),
+        tasks=task_outputs(tasks),
+        stem=model_cfg.stem,
+        stem_features=model_cfg.get("stem_features") or model_cfg.width,
+        norm=model_cfg.norm,
+        cut_at=cut,
+        head_pool=model_cfg.head_pool,
+        head_hidden=tuple(model_cfg.head_hidden),
+        dtype=DTYPES[model_cfg.dtype],
+    )
+
+
+__all__ = ["BACKBONES", "DTYPES", "MultiExitNet", "build_model", "exit_positions", "task_outputs"]

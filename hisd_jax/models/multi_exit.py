@@ -1,0 +1,112 @@
+"""A backbone cut into segments, with an exit head after each segment.
+
+The network is a flat list of blocks. `exit_after[e]` is the number of blocks that
+have run when exit e reads the features, so segment e is blocks
+exit_after[e-1]..exit_after[e] (segment 0 also runs the stem). This one structure
+serves three uses:
+  * training: `__call__` returns every exit's outputs (logits per task, pooled
+    features, and the projected features HiSD aligns);
+  * early-exit inference: `run_segment(i, x)` and `run_head(i, x)` run one piece,
+    so a cascade can skip deeper segments and XLA can cost each piece;
+  * the "dedicated smaller model" baseline: `cut_at=e` builds only segments and
+    heads 0..e, whose parameter names are a subset of the full model's.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from hisd_jax.models.exits import ExitHead
+from hisd_jax.models.layers import BLOCKS, BlockSpec, Stem
+
+
+class Segment(nn.Module):
+    blocks: Sequence[BlockSpec]
+    norm: str
+    stem: str | None = None
+    stem_features: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.stem is not None:
+            x = Stem(self.stem, self.stem_features, self.norm, self.dtype, name="stem")(x, train)
+        for i, spec in enumerate(self.blocks):
+            x = BLOCKS[spec.kind](spec, self.norm, self.dtype, name=f"block{i}")(x, train)
+        return x
+
+
+class MultiExitNet(nn.Module):
+    """Backbone with exits. See the module docstring.
+
+    Outputs of `__call__` (lists ordered shallow -> deep, one entry per exit):
+      {'logits': {task: [B, n_task] per exit}, 'features': [B, D_e] pooled per exit,
+       'projected': [B, D_final] per non-final exit (only with project=True)}
+    """
+
+    blocks: Sequence[BlockSpec]
+    exit_after: Sequence[int]
+    tasks: Sequence[tuple[str, int]]
+    stem: str = "cifar"
+    stem_features: int = 16
+    norm: str = "batch"
+    cut_at: int | None = None
+    head_pool: int = 1
+    head_hidden: Sequence[int] = ()
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_after) if self.cut_at is None else self.cut_at + 1
+
+    @property
+    def exit_names(self) -> tuple[str, ...]:
+        return tuple(f"exit{e}" for e in range(self.num_exits))
+
+    def setup(self):
+        ends = list(self.exit_after[: self.num_exits])
+        starts = [0] + ends[:-1]
+        last = self.blocks[ends[-1] - 1]
+        proj_dim = last.out_features * self.head_pool**2
+        self.segments = [
+            Segment(
+                tuple(self.blocks[a:b]),
+                self.norm,
+                self.stem if i == 0 else None,
+                self.stem_features,
+                self.dtype,
+            )
+            for i, (a, b) in enumerate(zip(starts, ends))
+        ]
+        self.heads = [
+            ExitHead(
+                tuple(self.tasks),
+                self.head_pool,
+                tuple(self.head_hidden),
+                proj_dim if i < len(ends) - 1 else None,
+                self.dtype,
+            )
+            for i in range(len(ends))
+        ]
+
+    def __call__(self, x, train: bool = False, project: bool = False):
+        outs = []
+        for segment, head in zip(self.segments, self.heads):
+            x = segment(x, train)
+            outs.append(head(x, project=project))
+        result = {
+            "logits": {name: [o["logits"][name] for o in outs] for name, _ in self.tasks},
+            "features": [o["features"] for o in outs],
+        }
+        if project or self.is_initializing():
+            result["projected"] = [o["projected"] for o in outs[:-1]]
+        return result
+
+    def run_segment(self, i: int, x, train: bool = False):
+        """Runs segment i alone: the stem (i = 0) and the blocks up to exit i."""
+        return self.segments[i](x, train)
+
+    def run_head(self, i: int, x):
+        """Runs exit head i alone on segment i's output."""
+        return self.heads[i](x)
