@@ -1,0 +1,457 @@
+"""Per-task-gradient MTL methods, expressed as weights over the task gradients.
+
+Every method here produces an update that is a linear combination of the task gradients,
+g = sum_t w_t g_t = w^T G with G [T, P] the stacked task gradients. A method therefore only needs
+the Gram matrix K = G G^T [T, T] (plus the task losses and a small state pytree) and returns w:
+
+* parameter space: ``K = gram_matrix(grads)`` from per-task gradients of the shared parameters,
+  then ``update = combine(w, grads)``;
+* representation space (MGDA-UB style): K from the gradients w.r.t. the shared representation,
+  then back-propagate ``sum_t stop_gradient(w_t) L_t``.
+
+Memory stays at T x T and the two parameter-sized contractions (K and w^T G) shard like any
+other reduction. Projection methods (PCGrad, GradVac) are linear too: the projected gradient of
+task i is tracked as a coefficient row C_i (g'_i = sum_j C_ij g_j), and its dot products come
+from C K. All solvers are fixed-iteration ``lax.fori_loop``s, so every ``weights`` function jits.
+Computation is in float32; scale-invariant methods work on K divided by its mean diagonal.
+
+Interface (the caller keeps ``state`` in its train state):
+
+    method = get_gradient_method("pcgrad", num_tasks=3)
+    state = method.init(3)
+    w, state = method.weights(gram, losses, state, step=step, rng=rng)
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_TINY = 1e-30
+_EPS = 1e-8  # guards divisions by norms, relative to the mean-diagonal-normalised Gram matrix
+
+
+class GradientMethod(NamedTuple):
+    """A per-task-gradient method.
+
+    init: num_tasks -> state pytree.
+    weights: (gram [T,T], losses [T], state, *, step, rng) -> (w [T], new_state); the update is
+      w^T G. ``w`` is stop-gradient'ed.
+    """
+
+    init: Callable[[int], Any]
+    weights: Callable[..., tuple[jax.Array, Any]]
+
+
+# ------------------------------------------------------------------------------- pytree helpers
+def gram_matrix(per_task_grads) -> jax.Array:
+    """K_ij = g_i . g_j summed over all leaves (leading axis = task), in float32."""
+    leaves = jax.tree_util.tree_leaves(per_task_grads)
+    num_tasks = leaves[0].shape[0]
+    gram = jnp.zeros((num_tasks, num_tasks), jnp.float32)
+    for leaf in leaves:
+        leaf = leaf.astype(jnp.float32)
+        axes = tuple(range(1, leaf.ndim))  # no reshape, so sharded leaves stay as they are
+        gram = gram + jnp.tensordot(leaf, leaf, axes=(axes, axes), precision=lax.Precision.HIGHEST)
+    return gram
+
+
+def combine(w, per_task_grads):
+    """sum_t w_t g_t for every leaf (tensordot over the leading task axis)."""
+    return jax.tree_util.tree_map(
+        lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1, precision=lax.Precision.HIGHEST),
+        per_task_grads,
+    )
+
+
+# ------------------------------------------------------------------------------ shared numerics
+def _unit_scale(gram):
+    """(K / s, s) with s the mean diagonal of K, the scale-free form used by the solvers."""
+    gram = gram.astype(jnp.float32)
+    scale = jnp.maximum(jnp.trace(gram) / gram.shape[0], _TINY)
+    return gram / scale, scale
+
+
+def _no_state(num_tasks):
+    del num_tasks
+    return {}
+
+
+def _pairwise_frank_wolfe(x0, grad_fn, step_fn, iters):
+    """Minimise a convex function over the probability simplex by pairwise Frank-Wolfe.
+
+    Each iteration moves mass from the active vertex v (x_v > 0) with the largest partial
+    derivative to the vertex s with the smallest one, x <- x + gamma (e_s - e_v), with
+    gamma = step_fn(x, e_s - e_v, x_v) in [0, x_v] from an exact line search. Unlike plain
+    Frank-Wolfe it converges linearly for objectives like the min-norm problem (Lacoste-Julien &
+    Jaggi, NeurIPS 2015); a fixed iteration count gives an essentially exact solution for
+    moderate T (the tests compare against float64 references).
+    """
+    vertices = jnp.eye(x0.shape[0], dtype=x0.dtype)
+
+    def body(_, x):
+        g = grad_fn(x)
+        s = jnp.argmin(g)
+        v = jnp.argmax(jnp.where(x > 0, g, -jnp.inf))
+        d = vertices[s] - vertices[v]
+        return x + step_fn(x, d, x[v]) * d
+
+    return lax.fori_loop(0, iters, body, x0)
+
+
+def min_norm_weights(gram, iters: int = 250):
+    """lambda on the simplex minimising ||lambda^T G||^2 = lambda^T K lambda (pairwise Frank-Wolfe).
+
+    For T = 2 the first iteration is the exact closed form of Sener & Koltun (2018, Alg. 1).
+    """
+    gram, _ = _unit_scale(gram)
+    num_tasks = gram.shape[0]
+
+    def step(x, d, gmax):  # exact line search of the quadratic along d
+        slope = d @ gram @ x
+        curvature = d @ gram @ d
+        return jnp.clip(-slope / jnp.maximum(curvature, _TINY), 0.0, gmax)
+
+    x0 = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
+    return _pairwise_frank_wolfe(x0, lambda x: gram @ x, step, iters)
+
+
+def random_task_orders(rng, num_tasks: int) -> jax.Array:
+    """int32 [T, T-1]: row i is a uniformly random order of the tasks other than i."""
+    keys = jax.random.split(rng, num_tasks)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num_tasks - 1))(keys)
+    return (perms + (perms >= jnp.arange(num_tasks)[:, None])).astype(jnp.int32)
+
+
+def surgery_coefficients(gram, orders, targets, beta: float):
+    """GradVac-style gradient surgery on coefficient rows (PCGrad is targets = 0, beta = 0).
+
+    For each task i, starting from g'_i = g_i, and for each j in ``orders[i]``:
+      rho = cos(g'_i, g_j);
+      if rho < phi_ij:  g'_i <- g'_i + ||g'_i|| (phi_ij sqrt(1-rho^2) - rho sqrt(1-phi_ij^2))
+                                       / (||g_j|| sqrt(1-phi_ij^2)) g_j;
+      phi_ij <- (1 - beta) phi_ij + beta rho.
+    With phi_ij = 0 the correction is -(g'_i . g_j / ||g_j||^2) g_j, i.e. PCGrad's projection
+    onto the normal plane of the ORIGINAL g_j whenever g'_i . g_j < 0.
+
+    Returns (C [T, T] with g'_i = sum_j C_ij g_j, updated targets [T, T]).
+    """
+    gram, _ = _unit_scale(gram)
+    num_tasks = gram.shape[0]
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+
+    def one_task(i, order, phi_row):
+        def body(k, carry):
+            c, phi_row = carry
+            j = order[k]
+            ck = c @ gram
+            norm_i = jnp.sqrt(jnp.maximum(ck @ c, 0.0))
+            rho = jnp.clip(ck[j] / (norm_i * norms[j] + _EPS), -1.0, 1.0)
+            phi = phi_row[j]
+            sin_phi = jnp.sqrt(1.0 - phi**2)
+            coef = (
+                norm_i
+                * (phi * jnp.sqrt(1.0 - rho**2) - rho * sin_phi)
+                / (norms[j] * sin_phi + _EPS)
+            )
+            c = c.at[j].add(jnp.where(rho < phi, coef, 0.0))
+            phi_row = phi_row.at[j].set((1.0 - beta) * phi + beta * rho)
+            return c, phi_row
+
+        c0 = jax.nn.one_hot(i, num_tasks, dtype=jnp.float32)
+        return lax.fori_loop(0, num_tasks - 1, body, (c0, phi_row))
+
+    return jax.vmap(one_task)(jnp.arange(num_tasks), orders, targets.astype(jnp.float32))
+
+
+# -------------------------------------------------------------------------------------- methods
+def _ew(num_tasks):
+    """Equal weighting: g = sum_t g_t (w = 1)."""
+    del num_tasks
+
+    def weights(gram, losses, state, *, step, rng):
+        return jnp.ones(gram.shape[0], jnp.float32), state
+
+    return GradientMethod(_no_state, weights)
+
+
+def _mean(num_tasks):
+    """Mean gradient: g = (1/T) sum_t g_t."""
+    del num_tasks
+
+    def weights(gram, losses, state, *, step, rng):
+        return jnp.full((gram.shape[0],), 1.0 / gram.shape[0], jnp.float32), state
+
+    return GradientMethod(_no_state, weights)
+
+
+_MGDA_NORMALIZERS = ("none", "l2", "loss", "loss+")
+
+
+def _mgda(num_tasks, normalize: str = "none", iters: int = 250):
+    """MGDA / MGDA-UB (Sener & Koltun, NeurIPS 2018).
+
+    With normalisers n_t (none: 1; l2: ||g_t||; loss: L_t; loss+: L_t ||g_t||) the min-norm
+    element of the convex hull of {g_t / n_t} is found on the Gram matrix,
+      lambda = argmin_{lambda in simplex} ||sum_t lambda_t g_t / n_t||^2   (sum lambda = 1),
+    and the returned weights are w_t = lambda_t / n_t, so that w^T G is exactly that min-norm
+    point (for "none", w = lambda sums to 1). Applied to representation gradients this is MGDA-UB.
+    The original code instead applies lambda to the un-normalised losses; we keep the update
+    consistent with the hull the solver minimised over.
+    """
+    del num_tasks
+    if normalize not in _MGDA_NORMALIZERS:
+        raise ValueError(f"mgda normalize must be one of {_MGDA_NORMALIZERS}, got {normalize!r}")
+
+    def weights(gram, losses, state, *, step, rng):
+        gram = gram.astype(jnp.float32)
+        grad_norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+        losses = lax.stop_gradient(losses).astype(jnp.float32)
+        n = {
+            "none": jnp.ones_like(grad_norms),
+            "l2": grad_norms,
+            "loss": losses,
+            "loss+": losses * grad_norms,
+        }[normalize]
+        n = jnp.maximum(n, _TINY)
+        lam = min_norm_weights(gram / jnp.outer(n, n), iters)
+        return lax.stop_gradient(lam / n), state
+
+    return GradientMethod(_no_state, weights)
+
+
+def _pcgrad(num_tasks):
+    """PCGrad (Yu et al., NeurIPS 2020), "gradient surgery".
+
+    For each task i, visiting the other tasks j in a random order (from ``rng``):
+      if g'_i . g_j < 0:  g'_i <- g'_i - (g'_i . g_j / ||g_j||^2) g_j      (g_j the original),
+    and the update is sum_i g'_i. Returned weights are the column sums of the coefficient matrix.
+    """
+    del num_tasks
+
+    def weights(gram, losses, state, *, step, rng):
+        num = gram.shape[0]
+        zeros = jnp.zeros((num, num), jnp.float32)
+        coefs, _ = surgery_coefficients(gram, random_task_orders(rng, num), zeros, 0.0)
+        return lax.stop_gradient(coefs.sum(0)), state
+
+    return GradientMethod(_no_state, weights)
+
+
+def _gradvac(num_tasks, beta: float = 0.01):
+    """Gradient Vaccine (Wang et al., ICLR 2021), whole-model granularity.
+
+    Like PCGrad but each pair (i, j) has an EMA target cosine phi_ij (state, starts at 0): if
+    rho_ij = cos(g'_i, g_j) < phi_ij then
+      g'_i <- g'_i + ||g'_i|| (phi_ij sqrt(1-rho_ij^2) - rho_ij sqrt(1-phi_ij^2))
+                     / (||g_j|| sqrt(1-phi_ij^2)) g_j,
+    and, for every visited pair (as in the paper's Algorithm 1),
+      phi_ij <- (1 - beta) phi_ij + beta rho_ij.
+    The update is sum_i g'_i. See ``surgery_coefficients``.
+    """
+    del num_tasks
+
+    def init(num):
+        return {"targets": jnp.zeros((num, num), jnp.float32)}
+
+    def weights(gram, losses, state, *, step, rng):
+        orders = random_task_orders(rng, gram.shape[0])
+        coefs, targets = surgery_coefficients(gram, orders, state["targets"], beta)
+        return lax.stop_gradient(coefs.sum(0)), {"targets": targets}
+
+    return GradientMethod(init, weights)
+
+
+_CAGRAD_RESCALES = (0, 1, 2)
+
+
+def _cagrad(
+    num_tasks, c: float = 0.5, rescale: int = 1, iters: int = 250, line_search_iters: int = 40
+):
+    """CAGrad (Liu et al., NeurIPS 2021).
+
+    With g0 the mean gradient and phi = c^2 ||g0||^2, find
+      x = argmin_{x in simplex} g_x^T g0 + sqrt(phi) ||g_x||,   g_x = sum_t x_t g_t,
+    (pairwise Frank-Wolfe with a bisection line search), then
+      g = (g0 + sqrt(phi) / ||g_x|| g_x) / r,   r = 1 (rescale=0), 1 + c^2 (1), 1 + c (2).
+    Returned weights: w = (1/T + sqrt(phi) / ||g_x|| x) / r. c = 0 gives exactly the mean.
+    """
+    del num_tasks
+    if rescale not in _CAGRAD_RESCALES:
+        raise ValueError(f"cagrad rescale must be one of {_CAGRAD_RESCALES}, got {rescale!r}")
+    divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
+
+    def weights(gram, losses, state, *, step, rng):
+        gram, _ = _unit_scale(gram)
+        num = gram.shape[0]
+        mean_w = jnp.full((num,), 1.0 / num, jnp.float32)
+        k_mean = gram @ mean_w  # K_t. g0 for every task
+        radius = c * jnp.sqrt(jnp.maximum(mean_w @ k_mean, 0.0))
+
+        def norm_sq(x):
+            return x @ gram @ x + _EPS
+
+        def grad_fn(x):
+            return k_mean + radius * (gram @ x) / jnp.sqrt(norm_sq(x))
+
+        def step_fn(x, d, gmax):  # root of the (monotone) directional derivative on [0, gmax]
+            slope_lin, q1, q2 = d @ k_mean, x @ gram @ d, d @ gram @ d
+
+            def deriv(gamma):
+                return slope_lin + radius * (q1 + gamma * q2) / jnp.sqrt(norm_sq(x + gamma * d))
+
+            def bisect(_, bounds):
+                lo, hi = bounds
+                mid = 0.5 * (lo + hi)
+                up = deriv(mid) > 0
+                return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+            lo, _ = lax.fori_loop(0, line_search_iters, bisect, (jnp.zeros_like(gmax), gmax))
+            return jnp.where(deriv(gmax) <= 0, gmax, lo)
+
+        x = _pairwise_frank_wolfe(mean_w, grad_fn, step_fn, iters)
+        w = (mean_w + radius / jnp.sqrt(norm_sq(x)) * x) / divisor
+        return lax.stop_gradient(w), state
+
+    return GradientMethod(_no_state, weights)
+
+
+def _imtlg(num_tasks):
+    """IMTL-G (Liu et al., ICLR 2021, "Towards Impartial Multi-task Learning"), gradient part.
+
+    With unit gradients u_t = g_t / ||g_t||, D = [g_1 - g_t]_{t>=2}, U = [u_1 - u_t]_{t>=2}:
+      alpha = g_1 U^T (D U^T)^+,   w = [1 - sum(alpha), alpha],
+    so g = w^T G has equal projections onto every u_t and sum(w) = 1. In Gram form, with
+    S = K diag(1/||g||) and E = [1, -I]: D U^T = E S E^T and g_1 U^T = S_1 E^T. The
+    pseudo-inverse keeps degenerate (collinear) cases finite.
+    """
+    del num_tasks
+
+    def weights(gram, losses, state, *, step, rng):
+        gram, _ = _unit_scale(gram)
+        num = gram.shape[0]
+        s = gram / jnp.sqrt(jnp.maximum(jnp.diag(gram), _TINY))[None, :]
+        e = jnp.concatenate([jnp.ones((num - 1, 1), jnp.float32), -jnp.eye(num - 1)], axis=1)
+        alpha = (s[0] @ e.T) @ jnp.linalg.pinv(e @ s @ e.T)
+        w = jnp.concatenate([1.0 - alpha.sum(keepdims=True), alpha])
+        return lax.stop_gradient(w), state
+
+    return GradientMethod(_no_state, weights)
+
+
+def _gradnorm(num_tasks, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3):
+    """GradNorm (Chen et al., ICML 2018).
+
+    Task weights w (state, start at 1). With G_t = ||w_t g_t|| = w_t sqrt(K_tt), its mean G_bar,
+    the inverse training rates r_t = L~_t / mean(L~), L~_t = L_t / L_t(0) (L(0) = the losses of
+    the first call, kept in state), the GradNorm loss is
+      L_grad = sum_t |G_t - sg(G_bar r_t^alpha)|.
+    Each call returns the current w (the weights for this step's update) and stores
+    w <- renorm(max(w - lr dL_grad/dw, min_weight)), renorm(v) = T v / sum(v). The floor keeps
+    weights positive (the paper relies on small steps instead). K should come from the last
+    shared layer (as in the paper) or whatever shared gradients the caller chooses.
+    """
+    del num_tasks
+
+    def init(num):
+        return {
+            "weights": jnp.ones(num, jnp.float32),
+            "initial_losses": jnp.ones(num, jnp.float32),
+            "initialized": jnp.zeros((), jnp.bool_),
+        }
+
+    def weights(gram, losses, state, *, step, rng):
+        losses = lax.stop_gradient(losses).astype(jnp.float32)
+        initial = jnp.where(state["initialized"], state["initial_losses"], losses)
+        w = state["weights"]
+        norms = jnp.sqrt(jnp.maximum(jnp.diag(gram.astype(jnp.float32)), 0.0))
+        ratio = losses / jnp.maximum(initial, _TINY)
+        target = jnp.mean(w * norms) * (ratio / jnp.mean(ratio)) ** alpha
+        new_w = jnp.maximum(w - lr * jnp.sign(w * norms - target) * norms, min_weight)
+        new_w = new_w * w.shape[0] / new_w.sum()
+        return w, {
+            "weights": new_w,
+            "initial_losses": initial,
+            "initialized": jnp.ones((), jnp.bool_),
+        }
+
+    return GradientMethod(init, weights)
+
+
+_NASH_NORMALIZATIONS = ("frobenius", "none")
+
+
+def nash_solve(gram, ridge: float = 1e-6, iters: int = 100):
+    """alpha > 0 with (K + ridge s I) alpha = 1 / alpha, s = mean diagonal of K.
+
+    alpha minimises the strictly convex, self-concordant f(alpha) = 1/2 alpha^T K alpha -
+    sum_t log alpha_t; we take damped Newton steps (step 1/(1+lambda) while the Newton decrement
+    lambda > 1/4, full steps after), which stay strictly inside alpha > 0. The Newton system is
+    solved in the scaled variable y = Delta / alpha, (D K D + I) y = 1 - alpha * (K alpha), whose
+    matrix has eigenvalues >= 1. The ridge makes the minimiser exist when K is singular with a
+    positive null vector (exactly opposed gradients).
+    """
+    gram, scale = _unit_scale(gram)
+    num = gram.shape[0]
+    gram = gram + ridge * jnp.eye(num, dtype=jnp.float32)
+
+    def body(_, a):
+        scaled = a[:, None] * gram * a[None, :] + jnp.eye(num, dtype=jnp.float32)
+        y = jnp.linalg.solve(scaled, 1.0 - a * (gram @ a))
+        # Newton decrement; the max with |y|_inf keeps the positivity guarantee under rounding.
+        lam = jnp.maximum(jnp.sqrt(jnp.maximum(y @ scaled @ y, 0.0)), jnp.max(jnp.abs(y)))
+        t = jnp.where(lam > 0.25, 1.0 / (1.0 + lam), 1.0)
+        return a * (1.0 + t * y)
+
+    a = lax.fori_loop(0, iters, body, 1.0 / jnp.sqrt(jnp.diag(gram)))
+    return a / jnp.sqrt(scale)
+
+
+def _nashmtl(num_tasks, normalize: str = "frobenius", ridge: float = 1e-6, iters: int = 100):
+    """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution.
+
+    Returns alpha > 0 solving K' alpha = 1 / alpha (each task's directional derivative along
+    g = alpha^T G is the inverse of its weight), K' = K / ||K||_F for normalize="frobenius" (as
+    the official implementation does, so ||g||^2 = T ||K||_F scales with the gradients) or K' = K
+    for "none" (then ||g||^2 = T). Solved exactly by ``nash_solve`` (damped Newton) instead of
+    the paper's sequence of convex (CCP) approximations warm-started across steps. The official
+    code also clips the shared-parameter gradient norm to 1: do that in the optimiser
+    (optax.clip_by_global_norm).
+    """
+    del num_tasks
+    if normalize not in _NASH_NORMALIZATIONS:
+        raise ValueError(
+            f"nashmtl normalize must be one of {_NASH_NORMALIZATIONS}, got {normalize!r}"
+        )
+
+    def weights(gram, losses, state, *, step, rng):
+        gram = gram.astype(jnp.float32)
+        if normalize == "frobenius":
+            gram = gram / jnp.maximum(jnp.linalg.norm(gram), _TINY)
+        return lax.stop_gradient(nash_solve(gram, ridge, iters)), state
+
+    return GradientMethod(_no_state, weights)
+
+
+_METHODS = {
+    "ew": _ew,
+    "mean": _mean,
+    "mgda": _mgda,
+    "pcgrad": _pcgrad,
+    "gradvac": _gradvac,
+    "cagrad": _cagrad,
+    "imtlg": _imtlg,
+    "gradnorm": _gradnorm,
+    "nashmtl": _nashmtl,
+}
+
+
+def get_gradient_method(name: str, num_tasks: int, **hparams) -> GradientMethod:
+    """The per-task-gradient method called ``name`` (see ``_METHODS``) with its hparams."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown gradient method {name!r}; allowed: {sorted(_METHODS)}")
+    if num_tasks < 2:
+        raise ValueError(f"gradient methods need num_tasks >= 2, got {num_tasks}")
+    return _METHODS[name](num_tasks, **hparams)

@@ -1,0 +1,141 @@
+"""Loss-weighting strategies on hand-made loss sequences (under jit), and Delta_m."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hisd_jax.mtl.delta_m import delta_m
+from hisd_jax.mtl.weighting import get_weighting
+
+LOSSES = jnp.array([1.0, 2.0, 4.0])
+
+
+def jit_apply(weighting):
+    return jax.jit(weighting.apply)
+
+
+def grad_wrt_losses(weighting, losses, params, state, **kw):
+    return jax.grad(lambda losses_: weighting.apply(losses_, params, state, **kw)[0])(losses)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="allowed: .*dwa"):
+        get_weighting("nope", 3)
+    with pytest.raises(ValueError, match="shape"):
+        get_weighting("static", 3, weights=[1.0, 2.0])
+
+
+def test_ew_and_static():
+    cases = [("ew", {}, [1.0, 1.0, 1.0]), ("static", {"weights": [0.2, 0.5, 0.3]}, [0.2, 0.5, 0.3])]
+    for name, hp, w in cases:
+        weighting = get_weighting(name, 3, **hp)
+        params, state = weighting.init(3)
+        total, _, weights = jit_apply(weighting)(LOSSES, params, state, step=0, rng=None)
+        np.testing.assert_allclose(weights, w, rtol=1e-6)
+        np.testing.assert_allclose(total, np.dot(w, LOSSES), rtol=1e-6)
+        g = grad_wrt_losses(weighting, LOSSES, params, state, step=0, rng=None)
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_uw_formula_and_gradients():
+    weighting = get_weighting("uw", 3)
+    params, state = weighting.init(3)
+    np.testing.assert_array_equal(params["log_var"], np.zeros(3))
+    params = {"log_var": jnp.array([0.0, math.log(4.0), -math.log(2.0)])}
+    total, _, weights = jit_apply(weighting)(LOSSES, params, state, step=0, rng=None)
+    # w = exp(-s)/2 = [1/2, 1/8, 1]; total = sum w L + s/2 = 0.5 + 0.25 + 4 + (ln4 - ln2)/2
+    np.testing.assert_allclose(weights, [0.5, 0.125, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(total, 4.75 + 0.5 * math.log(2.0), rtol=1e-6)
+    # d total / d s = 1/2 - exp(-s) L / 2 = [0, 0.25, -3.5]
+    grads = jax.grad(lambda p: weighting.apply(LOSSES, p, state, step=0, rng=None)[0])(params)
+    np.testing.assert_allclose(grads["log_var"], [0.0, 0.25, -3.5], atol=1e-6)
+
+
+def dwa_weights(r, temp=2.0):
+    e = np.exp(np.asarray(r) / temp)
+    return len(r) * e / e.sum()
+
+
+def test_dwa_over_five_epochs():
+    weighting = get_weighting("dwa", 2, steps_per_epoch=2, temp=2.0)
+    params, state = weighting.init(2)
+    apply = jit_apply(weighting)
+    # two steps per epoch; epoch averages: e0 [2, 2], e1 [1, 2], e2 [0.5, 4], e3 [0.5, 1]
+    losses = [
+        [1.0, 2.0],
+        [3.0, 2.0],
+        [1.0, 3.0],
+        [1.0, 1.0],
+        [0.5, 3.0],
+        [0.5, 5.0],
+        [1.0, 1.0],
+        [0.0, 1.0],
+        [2.0, 2.0],
+        [2.0, 2.0],
+    ]
+    expected = (
+        [[1.0, 1.0]] * 4  # epochs 0 and 1
+        + [dwa_weights([1 / 2, 2 / 2])] * 2  # epoch 2: e1 / e0
+        + [dwa_weights([0.5 / 1, 4 / 2])] * 2  # epoch 3: e2 / e1
+        + [dwa_weights([0.5 / 0.5, 1 / 4])] * 2
+    )  # epoch 4: e3 / e2
+    for step, (loss_row, w_ref) in enumerate(zip(losses, expected)):
+        row = jnp.asarray(loss_row)
+        total, new_state, w = apply(row, params, state, step=step, rng=None)
+        np.testing.assert_allclose(w, w_ref, rtol=1e-5, err_msg=f"step {step}")
+        np.testing.assert_allclose(total, np.dot(w_ref, row), rtol=1e-5)
+        g = grad_wrt_losses(weighting, row, params, state, step=step, rng=None)
+        np.testing.assert_allclose(g, w_ref, rtol=1e-5)  # the weights carry no gradient
+        state = new_state
+
+
+def test_rlw_weights_sum_to_one_and_vary_with_rng():
+    weighting = get_weighting("rlw", 3)
+    params, state = weighting.init(3)
+    apply = jit_apply(weighting)
+    ws = []
+    for seed in range(3):
+        rng = jax.random.key(seed)
+        total, _, w = apply(LOSSES, params, state, step=0, rng=rng)
+        np.testing.assert_allclose(np.sum(w), 1.0, rtol=1e-6)
+        assert (np.asarray(w) > 0).all()
+        np.testing.assert_allclose(total, np.dot(w, LOSSES), rtol=1e-6)
+        g = grad_wrt_losses(weighting, LOSSES, params, state, step=0, rng=rng)
+        np.testing.assert_allclose(g, w, rtol=1e-6)  # the weights carry no gradient
+        ws.append(np.asarray(w))
+    assert not np.allclose(ws[0], ws[1]) and not np.allclose(ws[1], ws[2])
+
+
+def test_gls_is_the_geometric_mean():
+    weighting = get_weighting("gls", 3)
+    params, state = weighting.init(3)
+    total, _, w = jit_apply(weighting)(LOSSES, params, state, step=0, rng=None)
+    np.testing.assert_allclose(total, 2.0, rtol=1e-6)  # (1 * 2 * 4)^(1/3)
+    np.testing.assert_allclose(w, [2 / 3, 1 / 3, 1 / 6], rtol=1e-6)  # total / (T L_t)
+    g = grad_wrt_losses(weighting, LOSSES, params, state, step=0, rng=None)
+    np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- delta_m
+METRICS = {"seg": {"miou": 0.55, "pix_acc": 0.80}, "depth": {"abs_err": 0.40}}
+BASELINES = {"seg": {"miou": 0.50, "pix_acc": 0.80}, "depth": {"abs_err": 0.50}}
+HIGHER = {"seg": {"miou": True, "pix_acc": True}, "depth": {"abs_err": False}}
+
+
+def test_delta_m_hand_computed():
+    # terms: +0.05/0.5 = +0.1, 0, -(0.40 - 0.50)/0.50 = +0.2  ->  100 * 0.3 / 3 = 10
+    assert delta_m(METRICS, BASELINES, HIGHER) == pytest.approx(10.0)
+    worse = {"seg": {"miou": 0.45, "pix_acc": 0.80}, "depth": {"abs_err": 0.60}}
+    assert delta_m(worse, BASELINES, HIGHER) == pytest.approx(-10.0)
+
+
+def test_delta_m_missing_baseline_or_direction_raises():
+    with pytest.raises(ValueError, match="abs_err"):
+        delta_m(METRICS, {"seg": BASELINES["seg"]}, HIGHER)
+    with pytest.raises(ValueError, match="pix_acc"):
+        delta_m(METRICS, BASELINES, {"seg": {"miou": True}, "depth": {"abs_err": False}})
+    with pytest.raises(ValueError, match="is 0"):
+        delta_m(METRICS, {"seg": {"miou": 0.0, "pix_acc": 0.8}, "depth": {"abs_err": 0.5}}, HIGHER)
