@@ -1,0 +1,64 @@
+"""Compute accounting from XLA's cost analysis of each piece of a multi-exit model.
+
+The model is costed piece by piece (segment 0 = stem + blocks up to exit 0, segment
+1, ..., and each exit head), for one example, so that:
+  * a standalone model cut at exit e costs  sum(segments[:e+1]) + heads[e];
+  * a cascade that exits at e has also run the heads before it:
+    sum(segments[:e+1]) + sum(heads[:e+1]).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def compiled_flops(fn, *args) -> float:
+    """FLOPs of `fn(*args)` as XLA's cost analysis of the compiled program reports them."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def piece_flops(model, variables, image_shape) -> dict:
+    """FLOPs per example of every segment and every exit head (inference mode)."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    seg, heads = [], []
+    for i in range(model.num_exits):
+        run_seg = lambda v, x, i=i: model.apply(v, i, x, method=model.run_segment)
+        seg.append(compiled_flops(run_seg, variables, x))
+        x_out = jax.eval_shape(run_seg, variables, x)
+        run_head = lambda v, h, i=i: model.apply(v, i, h, method=model.run_head)
+        heads.append(compiled_flops(run_head, variables, x_out))
+        x = jax.ShapeDtypeStruct(x_out.shape, x_out.dtype)
+    return {"segments": seg, "heads": heads}
+
+
+def exit_costs(pieces: dict) -> dict:
+    """Per-exit standalone and cascade FLOPs and their fractions of the full model."""
+    seg, heads = np.asarray(pieces["segments"]), np.asarray(pieces["heads"])
+    trunk = np.cumsum(seg)
+    standalone = trunk + heads
+    cascade = trunk + np.cumsum(heads)
+    full = standalone[-1]
+    return {
+        "standalone": standalone,
+        "cascade": cascade,
+        "full": full,
+        "fraction": standalone / full,
+        "cascade_fraction": cascade / full,
+    }
+
+
+def exit_param_counts(params, num_exits: int) -> list[int]:
+    """Parameters a model cut at each exit needs (its segments and its head, no projection)."""
+
+    def count(tree):
+        return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+    seg = [count(params[f"segments_{i}"]) for i in range(num_exits)]
+    head = [
+        count({k: v for k, v in params[f"heads_{i}"].items() if k != "proj"})
+        for i in range(num_exits)
+    ]
+    return [int(sum(seg[: e + 1]) + head[e]) for e in range(num_exits)]
