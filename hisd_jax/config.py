@@ -1,0 +1,226 @@
+"""Experiment configs: defaults, `:k=v` variants, and validation before anything compiles.
+
+Every experiment file in `configs/` starts from `base_config()` and changes what it
+needs. `validate(config)` checks every field a run depends on and raises
+`ConfigError` with one line naming the field and the allowed values; `main.py` turns
+that into exit code 2 before the workdir is touched.
+"""
+
+import ast
+
+import jax
+import ml_collections
+
+from hisd_jax.data import DATASETS
+from hisd_jax.models import BACKBONES, DTYPES, exit_positions
+from hisd_jax.models.backbones import backbone_blocks
+from hisd_jax.models.layers import NORMS, STEMS
+from hisd_jax.objectives.hisd import PRESETS
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
+SCHEDULES = ("constant", "cosine", "linear")
+# Fields that may differ between a run and its resumption in the same workdir.
+RESUMABLE_CHANGES = (
+    "train.log_every",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message is one line naming the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with defaults. Experiment files override these."""
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "multidigits"
+    c.data.tasks = ("sum",)  # task names offered by the data set
+    c.data.seed = 0  # how the embedded data set is built (pairs, shifts, splits)
+    c.data.kwargs = ml_collections.ConfigDict()  # passed to data.get_dataset (sizes, data_dir, ...)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet"  # one of models.BACKBONES
+    c.model.width = 16  # channels of the first stage (doubles each stage)
+    c.model.stage_sizes = ()  # blocks per stage; () = the backbone's default
+    c.model.strides = ()  # downsampling per stage; () = 1 then 2 for every later stage
+    c.model.exits = ()  # block counts after which exits sit; () = after every stage
+    c.model.cut_at = -1  # -1: full model; e >= 0: only up to exit e (dedicated baseline)
+    c.model.stem = "cifar"
+    c.model.stem_features = 0  # 0 = width
+    c.model.norm = "batch"
+    c.model.head_pool = 1  # adaptive pooling size at each exit
+    c.model.head_hidden = ()  # hidden Dense widths in each exit head
+    c.model.dtype = "float32"
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.preset = "hisd"  # one of objectives.hisd.PRESETS
+    # None keeps the preset's value; set a number (or a list for ce) to override.
+    c.objective.ce = ml_collections.FieldReference(None, field_type=tuple)
+    c.objective.kd = ml_collections.FieldReference(None, field_type=float)
+    c.objective.hier = ml_collections.FieldReference(None, field_type=float)
+    c.objective.feat = ml_collections.FieldReference(None, field_type=float)
+    c.objective.temperature = ml_collections.FieldReference(None, field_type=float)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 1e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.momentum = 0.9
+    c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 128  # global batch, split over all devices
+    c.train.eval_batch_size = 512
+    c.train.log_every = 100
+    c.train.eval_every = 500  # validation evaluation; 0 = only at the end
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.progress = True  # progress bar on stderr
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a config-path variant such as 'preset=sdn,seed=1' over typed defaults."""
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in arg.split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(
+                f"config argument {item!r}: expected key=value with key in {', '.join(defaults)}"
+            )
+        default = defaults[key]
+        if isinstance(default, str):
+            result[key] = value
+        else:
+            try:
+                result[key] = type(default)(ast.literal_eval(value))
+            except (ValueError, SyntaxError, TypeError) as e:
+                raise ConfigError(
+                    f"config argument {key}={value!r}: expected {type(default).__name__}"
+                ) from e
+    return result
+
+
+def _one_of(field, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(field, value, allow_zero=False):
+    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def num_exits(config) -> int:
+    exits = exit_positions(model_section(config))
+    return len(exits) if config.model.cut_at < 0 else config.model.cut_at + 1
+
+
+def model_section(config):
+    """The model section with `cut_at` in the form models.build_model expects."""
+    m = config.model.to_dict()
+    m["cut_at"] = None if m["cut_at"] < 0 else m["cut_at"]
+    return ml_collections.ConfigDict(m)
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Raises ConfigError for the first invalid field. Touches nothing on disk."""
+    _one_of("data.name", config.data.name, DATASETS)
+    if not config.data.tasks:
+        raise ConfigError("data.tasks is empty: name at least one task of the data set")
+
+    m = config.model
+    _one_of("model.name", m.name, BACKBONES)
+    _one_of("model.norm", m.norm, NORMS)
+    _one_of("model.stem", m.stem, STEMS)
+    _one_of("model.dtype", m.dtype, tuple(DTYPES))
+    _positive("model.width", m.width)
+    _positive("model.head_pool", m.head_pool)
+    if any(s <= 0 for s in m.stage_sizes):
+        raise ConfigError(f"model.stage_sizes={tuple(m.stage_sizes)} must all be > 0")
+    if any(s not in (1, 2) for s in m.strides):
+        raise ConfigError(f"model.strides={tuple(m.strides)} must all be 1 or 2")
+    try:
+        blocks, _ = backbone_blocks(m.name, m.width, m.stage_sizes, m.strides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    exits = exit_positions(model_section(config))
+    n = len(blocks)
+    if any(e < 1 or e > n for e in exits) or list(exits) != sorted(set(exits)) or exits[-1] != n:
+        raise ConfigError(
+            f"model.exits={tuple(exits)} must be strictly increasing block counts in 1..{n} "
+            f"ending at {n} (the final exit); use model.cut_at to truncate the model"
+        )
+    if not -1 <= m.cut_at < len(exits):
+        raise ConfigError(
+            f"model.cut_at={m.cut_at} must be -1 (full model) or an exit index in 0..{len(exits) - 1}"
+        )
+
+    o = config.objective
+    _one_of("objective.preset", o.preset, PRESETS)
+    for field in ("kd", "hier", "feat"):
+        if o[field] is not None:
+            _positive(f"objective.{field}", o[field], allow_zero=True)
+    if o.temperature is not None:
+        _positive("objective.temperature", o.temperature)
+    if o.ce is not None:
+        if len(o.ce) != num_exits(config) or any(w < 0 for w in o.ce):
+            raise ConfigError(
+                f"objective.ce={tuple(o.ce)} must have {num_exits(config)} weights >= 0, one per exit"
+            )
+
+    opt = config.optimizer
+    _one_of("optimizer.name", opt.name, OPTIMIZERS)
+    _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
+    _positive("optimizer.lr", opt.lr)
+    _positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
+    _positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
+    _positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+
+    t = config.train
+    for field in (
+        "steps",
+        "batch_size",
+        "eval_batch_size",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
+        _positive(f"train.{field}", t[field])
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    if opt.warmup_steps >= t.steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={opt.warmup_steps} must be < train.steps={t.steps}"
+        )
+    devices = jax.device_count() if num_devices is None else num_devices
+    for field in ("batch_size", "eval_batch_size"):
+        if t[field] % devices:
+            raise ConfigError(
+                f"train.{field}={t[field]} must be divisible by the device count ({devices})"
+            )
+
+
+def diff(a: dict, b: dict, prefix="") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out

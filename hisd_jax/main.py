@@ -1,0 +1,60 @@
+"""Command-line entry: `python -m hisd_jax.main --config configs/x.py[:k=v] --workdir DIR`.
+
+Single fields are overridden as `--config.optimizer.lr=3e-4`. An invalid config, or
+an unknown config field, prints one line naming the field and exits with code 2
+before anything compiles or the workdir is touched.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hisd_jax import config as config_lib
+from hisd_jax import parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally path:arg.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def config_error(message: str) -> None:
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl flag parsing with config errors (bad file, unknown field) as exit code 2."""
+    try:
+        return FLAGS(argv)
+    except (
+        flags.Error,
+        config_lib.ConfigError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as e:
+        config_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def main(argv):
+    del argv
+    parallel.maybe_initialize_distributed()
+    from hisd_jax import train  # pylint: disable=g-import-not-at-top
+
+    logging.info("Config:\n%s", FLAGS.config)
+    try:  # train_and_evaluate validates everything before it touches the workdir
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+        config_error(str(e))
+    for task, per_exit in results["test"].items():
+        for name, m in per_exit.items():
+            print(f"test {task} {name}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

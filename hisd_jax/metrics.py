@@ -1,0 +1,114 @@
+"""Metric writers (JSONL + TensorBoard), a progress bar, and evaluation sums.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per event with at
+least `step` and `split`; TensorBoard event files are written with tensorboardX,
+which needs no TensorFlow.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ECE_BINS = 15
+
+
+class MetricWriter:
+    """Appends events to `metrics.jsonl` and TensorBoard scalars under `tb/`."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, split: str, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            if math.isfinite(v):
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """A one-line progress bar with steps/s and ETA (plain log lines when not a tty)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, label: str = "train"):
+        self.total, self.start, self.label = total, start, label
+        self.enabled = enabled and jax.process_index() == 0
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        frac = step / self.total
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        loss_txt = f" loss {loss:.4f}" if loss is not None else ""
+        eta_txt = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        line = (
+            f"{self.label} [{bar}] {step}/{self.total} {rate:6.1f} steps/s ETA {eta_txt}{loss_txt}"
+        )
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def classification_sums(logits, labels, mask) -> dict:
+    """Per-batch sums from which accuracy, mean CE and ECE follow exactly.
+
+    Returns counts (not means) so batches and devices add up: n, correct, nll, and
+    the ECE histogram over max-softmax confidence in ECE_BINS equal-width bins.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    conf = jnp.exp(jnp.max(logp, axis=-1))
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * mask
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    bins = jnp.clip((conf * ECE_BINS).astype(jnp.int32), 0, ECE_BINS - 1)
+    onehot = jax.nn.one_hot(bins, ECE_BINS) * mask[:, None]
+    return {
+        "n": jnp.sum(mask),
+        "correct": jnp.sum(correct),
+        "nll": jnp.sum(nll * mask),
+        "bin_n": jnp.sum(onehot, 0),
+        "bin_conf": conf @ onehot,
+        "bin_correct": correct @ onehot,
+    }
+
+
+def regression_sums(pred, target, mask) -> dict:
+    err = (pred[:, 0].astype(jnp.float32) - target) * mask
+    return {"n": jnp.sum(mask), "sse": jnp.sum(err**2), "sae": jnp.sum(jnp.abs(err))}
+
+
+def finalize_sums(sums: dict) -> dict:
+    """Turns accumulated sums into metrics (accuracy, loss, ece | mse, mae)."""
+    s = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
+    n = max(float(s["n"]), 1.0)
+    if "correct" in s:
+        gap = np.abs(s["bin_conf"] - s["bin_correct"]).sum()
+        return {"accuracy": s["correct"] / n, "loss": s["nll"] / n, "ece": gap / n}
+    return {"mse": s["sse"] / n, "mae": s["sae"] / n}

@@ -1,0 +1,36 @@
+"""Optimizer and learning-rate schedule from the config's `optimizer` section."""
+
+import optax
+
+
+def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup then the named decay ('constant', 'cosine' to 0, 'linear' to 0)."""
+    lr, warm = opt_cfg.lr, opt_cfg.warmup_steps
+    decay_steps = total_steps - warm
+    decays = {
+        "constant": lambda: optax.constant_schedule(lr),
+        "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps),
+        "linear": lambda: optax.linear_schedule(lr, 0.0, decay_steps),
+    }
+    decay = decays[opt_cfg.schedule]()
+    if not warm:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def build_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    lr = schedule(opt_cfg, total_steps)
+    makers = {
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=opt_cfg.weight_decay),
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=opt_cfg.momentum),
+        "nesterov": lambda: optax.sgd(lr, momentum=opt_cfg.momentum, nesterov=True),
+    }
+    parts = []
+    if opt_cfg.grad_clip:
+        parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+    if opt_cfg.weight_decay and opt_cfg.name != "adamw":
+        parts.append(optax.add_decayed_weights(opt_cfg.weight_decay))
+    parts.append(makers[opt_cfg.name]())
+    return optax.chain(*parts)
