@@ -110,5 +110,9 @@ def finalize_sums(sums: dict) -> dict:
     n = max(float(s["n"]), 1.0)
     if "correct" in s:
         gap = np.abs(s["bin_conf"] - s["bin_correct"]).sum()
-        return {"accuracy": s["correct"] / n, "loss": s["nll"] / n, "ece": gap / n}
-    return {"mse": s["sse"] / n, "mae": s["sae"] / n}
+        return {
+            "accuracy": float(s["correct"] / n),
+            "loss": float(s["nll"] / n),
+            "ece": float(gap / n),
+        }
+    return {"mse": float(s["sse"] / n), "mae": float(s["sae"] / n)}
