@@ -40,9 +40,14 @@ class Segment(nn.Module):
 class MultiExitNet(nn.Module):
     """Backbone with exits. See the module docstring.
 
-    Outputs of `__call__` (lists ordered shallow -> deep, one entry per exit):
-      {'logits': {task: [B, n_task] per exit}, 'features': [B, D_e] pooled per exit,
+    Outputs of `__call__` (lists ordered shallow -> deep):
+      {'logits': {task: [B, n_task] per exit that predicts the task},
+       'features': [B, D_e] pooled, per exit,
        'projected': [B, D_final] per non-final exit (only with project=True)}
+    `task_exits` ((task, exits), ...) restricts a task to some exits (default: every
+    exit); the (task x exit) grid of heads is what HiSD and the MTL strategies share.
+    `trunk` and `apply_heads` split the forward pass at the shared representation
+    (the MTL representation-space gradient methods differentiate there).
     """
 
     blocks: Sequence[BlockSpec]
@@ -52,6 +57,7 @@ class MultiExitNet(nn.Module):
     stem_features: int = 16
     norm: str = "batch"
     cut_at: int | None = None
+    task_exits: Sequence[tuple[str, Sequence[int]]] = ()
     head_pool: int = 1
     head_hidden: Sequence[int] = ()
     dtype: jnp.dtype = jnp.float32
@@ -81,7 +87,7 @@ class MultiExitNet(nn.Module):
         ]
         self.heads = [
             ExitHead(
-                tuple(self.tasks),
+                self._head_tasks(i),
                 self.head_pool,
                 tuple(self.head_hidden),
                 proj_dim if i < len(ends) - 1 else None,
@@ -90,13 +96,34 @@ class MultiExitNet(nn.Module):
             for i in range(len(ends))
         ]
 
+    def exits_of(self, task: str) -> tuple[int, ...]:
+        """The exits whose head predicts `task` (all exits unless `task_exits` says otherwise)."""
+        chosen = dict(self.task_exits).get(task)
+        everything = tuple(range(self.num_exits))
+        return everything if chosen is None else tuple(e for e in chosen if e < self.num_exits)
+
+    def _head_tasks(self, i: int) -> tuple[tuple[str, int], ...]:
+        return tuple((name, n) for name, n in self.tasks if i in self.exits_of(name))
+
     def __call__(self, x, train: bool = False, project: bool = False):
-        outs = []
-        for segment, head in zip(self.segments, self.heads):
+        return self.apply_heads(self.trunk(x, train), project)
+
+    def trunk(self, x, train: bool = False) -> list:
+        """Every segment's output, shallow -> deep: the shared representation."""
+        features = []
+        for segment in self.segments:
             x = segment(x, train)
-            outs.append(head(x, project=project))
+            features.append(x)
+        return features
+
+    def apply_heads(self, features, project: bool = False) -> dict:
+        """Exit heads on the trunk's outputs; see the class docstring for the result."""
+        outs = [head(f, project=project) for head, f in zip(self.heads, features)]
         result = {
-            "logits": {name: [o["logits"][name] for o in outs] for name, _ in self.tasks},
+            "logits": {
+                name: [outs[e]["logits"][name] for e in self.exits_of(name)]
+                for name, _ in self.tasks
+            },
             "features": [o["features"] for o in outs],
         }
         if project or self.is_initializing():
