@@ -15,6 +15,7 @@ from hisd_jax.data import DATASETS
 from hisd_jax.models import BACKBONES, DTYPES, exit_positions
 from hisd_jax.models.backbones import backbone_blocks
 from hisd_jax.models.layers import NORMS, STEMS
+from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES
 from hisd_jax.objectives.hisd import PRESETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
@@ -66,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.hier = ml_collections.FieldReference(None, field_type=float)
     c.objective.feat = ml_collections.FieldReference(None, field_type=float)
     c.objective.temperature = ml_collections.FieldReference(None, field_type=float)
+
+    c.mtl = ml_collections.ConfigDict()
+    c.mtl.method = "ew"  # how task losses/gradients combine: one of mtl.strategy.STRATEGIES
+    c.mtl.space = "param"  # gradient methods: "param" (shared parameters) or "rep" (representation)
+    c.mtl.hparams = ml_collections.ConfigDict()  # the method's hyper-parameters
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"
@@ -181,6 +187,14 @@ def validate(config, num_devices: int | None = None) -> None:
             raise ConfigError(
                 f"objective.ce={tuple(o.ce)} must have {num_exits(config)} weights >= 0, one per exit"
             )
+
+    _one_of("mtl.method", config.mtl.method, STRATEGIES)
+    _one_of("mtl.space", config.mtl.space, SPACES)
+    if config.mtl.method in GRADIENT_METHODS and len(config.data.tasks) < 2:
+        raise ConfigError(
+            f"mtl.method={config.mtl.method!r} needs at least 2 tasks in data.tasks; "
+            "use a loss weighting (e.g. ew) for one task"
+        )
 
     opt = config.optimizer
     _one_of("optimizer.name", opt.name, OPTIMIZERS)

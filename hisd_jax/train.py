@@ -27,6 +27,7 @@ from hisd_jax import data as data_lib
 from hisd_jax import metrics as metrics_lib
 from hisd_jax.inference import cost as cost_lib
 from hisd_jax.models import build_model, exit_positions
+from hisd_jax.mtl import strategy as strategy_lib
 from hisd_jax.objectives import build_objective
 
 
@@ -35,7 +36,9 @@ class TrainState:
     step: jnp.ndarray  # int32 scalar: steps taken
     params: Any
     batch_stats: Any  # BatchNorm running statistics ({} without BatchNorm)
-    opt_state: Any
+    opt_state: Any  # optimizer state of {"model": params, "strategy": strategy_params}
+    strategy_params: Any  # learnable MTL strategy parameters (UW's log-variances), else {}
+    strategy_state: Any  # MTL strategy state (DWA's losses, GradVac's targets, ...), else {}
     rng: jnp.ndarray  # uint32 key data; step keys are fold_in(rng, step)
     bad_step: jnp.ndarray  # int32: first step whose loss or gradient was not finite, -1 if none
 
@@ -49,6 +52,7 @@ class Experiment:
     tasks: list
     model: Any
     objective: Any
+    strategy: strategy_lib.Strategy
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     mesh: Any
@@ -76,9 +80,25 @@ def build_experiment(config) -> Experiment:
     model = build_model(model_cfg, tasks)
     depths = exit_positions(model_cfg)[: model.num_exits]
     objective = build_objective(config.objective, tasks, depths)
+    strategy = build_strategy(config, dataset, tasks)
     schedule = optim.schedule(config.optimizer, config.train.steps)
     tx = optim.build_optimizer(config.optimizer, config.train.steps)
-    return Experiment(config, dataset, tasks, model, objective, tx, schedule, parallel.make_mesh())
+    return Experiment(
+        config, dataset, tasks, model, objective, strategy, tx, schedule, parallel.make_mesh()
+    )
+
+
+def build_strategy(config, dataset, tasks) -> strategy_lib.Strategy:
+    """The MTL strategy of `config.mtl` (EW for a single task reduces to the plain loss)."""
+    hparams = config.mtl.hparams.to_dict()
+    if config.mtl.method == "dwa" and "steps_per_epoch" not in hparams:
+        hparams["steps_per_epoch"] = -(-len(dataset.splits["train"]) // config.train.batch_size)
+    try:
+        return strategy_lib.build_strategy(
+            config.mtl.method, [t.name for t in tasks], space=config.mtl.space, **hparams
+        )
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(f"mtl: {e}") from e
 
 
 def init_state(exp: Experiment) -> TrainState:
@@ -89,11 +109,14 @@ def init_state(exp: Experiment) -> TrainState:
         key = jax.random.key(seed)
         variables = exp.model.init(key, jnp.zeros(shape, jnp.float32))
         params = variables["params"]
+        strategy_params, strategy_state = exp.strategy.init()
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=variables.get("batch_stats", {}),
-            opt_state=exp.tx.init(params),
+            opt_state=exp.tx.init({"model": params, "strategy": strategy_params}),
+            strategy_params=strategy_params,
+            strategy_state=strategy_state,
             rng=jax.random.key_data(jax.random.fold_in(key, 1)),
             bad_step=jnp.full((), -1, jnp.int32),
         )
@@ -117,24 +140,40 @@ def make_train_step(exp: Experiment):
     def step_fn(state: TrainState, sums: dict, batch: dict):
         progress = state.step.astype(jnp.float32) / total
 
-        def loss_fn(params):
+        def trunk(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            outputs, updates = model.apply(
-                variables,
-                batch["image"],
-                train=True,
-                project=objective.needs_projection,
-                mutable=["batch_stats"],
+            reps, updates = model.apply(
+                variables, batch["image"], train=True, method=model.trunk, mutable=["batch_stats"]
             )
-            losses, metrics = objective.task_losses(outputs, batch, progress)
-            total_loss = sum(losses.values())
-            return total_loss, (metrics, updates.get("batch_stats", {}))
+            return reps, updates.get("batch_stats", {})
 
-        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+        def heads(params, reps):
+            return model.apply(
+                {"params": params},
+                reps,
+                project=objective.needs_projection,
+                method=model.apply_heads,
+            )
+
+        loss, (grads, strategy_grads), strategy_state, metrics, batch_stats = (
+            strategy_lib.value_and_grad(
+                exp.strategy,
+                trunk=trunk,
+                heads=heads,
+                task_losses=lambda outputs: objective.task_losses(outputs, batch, progress),
+                params=state.params,
+                strategy_params=state.strategy_params,
+                strategy_state=state.strategy_state,
+                step=state.step,
+                rng=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+            )
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trainable = {"model": state.params, "strategy": state.strategy_params}
+        updates, opt_state = tx.update(
+            {"model": grads, "strategy": strategy_grads}, state.opt_state, trainable
+        )
+        new = optax.apply_updates(trainable, updates)
+        params, updates = new["model"], updates["model"]
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
 
@@ -146,6 +185,8 @@ def make_train_step(exp: Experiment):
             params=keep(params, state.params),
             batch_stats=keep(batch_stats, state.batch_stats),
             opt_state=keep(opt_state, state.opt_state),
+            strategy_params=keep(new["strategy"], state.strategy_params),
+            strategy_state=keep(strategy_state, state.strategy_state),
             bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step),
         )
         metrics = {

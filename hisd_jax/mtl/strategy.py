@@ -1,0 +1,169 @@
+"""How per-task losses become one update: the MTL strategy inside the train step.
+
+Two kinds of strategy (see weighting.py and gradients.py):
+  * loss weighting (EW, static, UW, DWA, RLW, GLS): one backward pass of a weighted
+    total; learnable weights (UW) live in `strategy_params` and are optimised with the
+    model;
+  * per-task-gradient methods (MGDA, PCGrad, GradVac, CAGrad, IMTL-G, GradNorm,
+    Nash-MTL): the per-task gradients come from ONE forward pass and a vmapped
+    backward pass over the task-loss vector (`jax.vjp` + `jax.vmap` over the identity
+    cotangents), the method reads their Gram matrix and returns task weights w.
+    - space="param": gradients of the shared parameters; the update is sum_t w_t g_t
+      on shared leaves, while a task's own head (leaves under `out_<task>`) gets its
+      own gradient, unweighted (as LibMTL does).
+    - space="rep": gradients with respect to the shared representation (the trunk's
+      outputs: MGDA-UB's upper bound), so only the small heads are differentiated T
+      times; the trunk is back-propagated once with sum_t w_t dL_t/dz.
+Strategy state (DWA's running losses, GradVac's targets, GradNorm's weights, ...) is a
+pytree in the train state, checkpointed and replicated like the parameters.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hisd_jax.mtl import gradients as grad_lib
+from hisd_jax.mtl import weighting as weighting_lib
+
+LOSS_WEIGHTINGS = tuple(weighting_lib._WEIGHTINGS)  # noqa: SLF001
+GRADIENT_METHODS = tuple(m for m in grad_lib._METHODS if m not in ("ew", "mean"))  # noqa: SLF001
+STRATEGIES = LOSS_WEIGHTINGS + GRADIENT_METHODS
+SPACES = ("param", "rep")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    name: str
+    space: str
+    tasks: tuple[str, ...]
+    weighting: weighting_lib.LossWeighting | None = None
+    method: grad_lib.GradientMethod | None = None
+
+    @property
+    def per_task_gradients(self) -> bool:
+        return self.method is not None
+
+    def init(self) -> tuple[Any, Any]:
+        """(learnable strategy params, strategy state)."""
+        if self.weighting is not None:
+            return self.weighting.init(len(self.tasks))
+        return {}, self.method.init(len(self.tasks))
+
+
+def build_strategy(name: str, tasks, *, space: str = "param", **hparams) -> Strategy:
+    """The strategy `name` for the task names `tasks`, with its hyper-parameters."""
+    tasks = tuple(tasks)
+    if name in LOSS_WEIGHTINGS:
+        return Strategy(
+            name, space, tasks, weighting=weighting_lib.get_weighting(name, len(tasks), **hparams)
+        )
+    if name in GRADIENT_METHODS:
+        return Strategy(
+            name, space, tasks, method=grad_lib.get_gradient_method(name, len(tasks), **hparams)
+        )
+    raise ValueError(f"mtl.method={name!r} is not one of {', '.join(STRATEGIES)}")
+
+
+def _owner(path, tasks) -> str | None:
+    """The task whose own head holds this parameter leaf (None: shared)."""
+    for key in path:
+        name = getattr(key, "key", None)
+        if isinstance(name, str) and name.startswith("out_") and name[4:] in tasks:
+            return name[4:]
+    return None
+
+
+def _weighted_update(w, per_task, tasks):
+    """sum_t w_t g_t on shared leaves; a task's own leaves keep their (only) gradient."""
+
+    def leaf(path, g):
+        if _owner(path, tasks) is None:
+            return grad_lib.combine(w, g)
+        return jnp.sum(g, axis=0)
+
+    return jax.tree_util.tree_map_with_path(leaf, per_task)
+
+
+def _shared_leaves(per_task, tasks):
+    flat = jax.tree_util.tree_flatten_with_path(per_task)[0]
+    return [g for path, g in flat if _owner(path, tasks) is None]
+
+
+def value_and_grad(
+    strategy: Strategy,
+    *,
+    trunk: Callable,
+    heads: Callable,
+    task_losses: Callable,
+    params,
+    strategy_params,
+    strategy_state,
+    step,
+    rng,
+):
+    """One strategy-combined gradient.
+
+    Args:
+      trunk: params -> (representation, aux) — the shared part of the forward pass.
+      heads: (params, representation) -> model outputs.
+      task_losses: outputs -> ({task: loss}, metrics).
+    Returns:
+      (loss, (param grads, strategy-param grads), new strategy state, metrics, trunk aux)
+      where `loss` is the combined objective and metrics include every task's weight.
+    """
+    tasks = strategy.tasks
+
+    def loss_vector(params, reps):
+        losses, metrics = task_losses(heads(params, reps))
+        return jnp.stack([losses[t] for t in tasks]), metrics
+
+    if strategy.weighting is not None:
+
+        def total(params, sparams):
+            reps, aux = trunk(params)
+            vec, metrics = loss_vector(params, reps)
+            value, new_state, w = strategy.weighting.apply(
+                vec, sparams, strategy_state, step=step, rng=rng
+            )
+            return value, (w, new_state, metrics, aux)
+
+        (value, (w, new_state, metrics, aux)), grads = jax.value_and_grad(
+            total, argnums=(0, 1), has_aux=True
+        )(params, strategy_params)
+    else:
+        eye = jnp.eye(len(tasks), dtype=jnp.float32)
+        if strategy.space == "param":
+
+            def forward(params):
+                reps, aux = trunk(params)
+                vec, metrics = loss_vector(params, reps)
+                return vec, (metrics, aux)
+
+            vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
+            (per_task,) = jax.vmap(vjp)(eye)
+            gram = grad_lib.gram_matrix(_shared_leaves(per_task, tasks))
+            w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
+            param_grads = _weighted_update(w, per_task, tasks)
+        else:
+            # Heads are differentiated T times, the trunk once: only the head parameters
+            # (top-level keys `heads_*`) enter the per-task backward passes.
+            head_params = {k: v for k, v in params.items() if k.startswith("heads_")}
+            reps, trunk_vjp, aux = jax.vjp(trunk, params, has_aux=True)
+            vec, head_vjp, metrics = jax.vjp(loss_vector, head_params, reps, has_aux=True)
+            head_grads, rep_grads = jax.vmap(head_vjp)(eye)
+            gram = grad_lib.gram_matrix(rep_grads)
+            w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
+            (param_grads,) = trunk_vjp(grad_lib.combine(w, rep_grads))
+            head_update = _weighted_update(w, head_grads, tasks)
+            param_grads = {
+                k: jax.tree.map(jnp.add, g, head_update[k]) if k in head_update else g
+                for k, g in param_grads.items()
+            }
+        value = jnp.dot(jax.lax.stop_gradient(w), vec)
+        grads = (param_grads, jax.tree.map(jnp.zeros_like, strategy_params))
+    metrics = dict(metrics)
+    metrics.update({f"weight/{t}": w[i] for i, t in enumerate(tasks)})
+    return value, grads, new_state, metrics, aux
