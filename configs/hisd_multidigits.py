@@ -1,6 +1,6 @@
 """HiSD on the embedded MultiDigits data set (sum of the two digits, 19 classes).
 
-A 4-stage ResNet (one basic block per stage, width 16) with an exit after every
+A 4-stage ResNet (one basic block per stage, width 16, last stage at 3x3) with an exit after every
 stage, trained with the HiSD loss.
 
 Run:
@@ -25,6 +25,9 @@ def get_config(arg=None):
     c.model.name = "resnet"
     c.model.stage_sizes = (1, 1, 1, 1)
     c.model.width = 16
+    # The last stage keeps the 3x3 resolution: XLA:CPU's 3x3 convolutions on 2x2 maps
+    # are ~6x slower than on 3x3 maps (35 ms vs 5.5 ms for the 128-channel backward).
+    c.model.strides = (1, 2, 2, 1)
     c.model.cut_at = arg.cut_at
     c.objective.preset = arg.preset
     c.optimizer.name = "adam"
