@@ -7,6 +7,7 @@ that into exit code 2 before the workdir is touched.
 """
 
 import ast
+import math
 
 import jax
 import ml_collections
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.stage_sizes = ()  # blocks per stage; () = the backbone's default
     c.model.strides = ()  # downsampling per stage; () = 1 then 2 for every later stage
     c.model.exits = ()  # block counts after which exits sit; () = after every stage
+    c.model.task_exits = ml_collections.ConfigDict()  # {task: exit indices}; default every exit
     c.model.cut_at = -1  # -1: full model; e >= 0: only up to exit e (dedicated baseline)
     c.model.stem = "cifar"
     c.model.stem_features = 0  # 0 = width
@@ -112,7 +114,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             result[key] = value
         else:
             try:
-                result[key] = type(default)(ast.literal_eval(value))
+                literal = ast.literal_eval(value)
+                result[key] = type(default)(literal)
+                if result[key] != literal:  # e.g. seed=1.5 must not become seed=1
+                    raise ValueError(f"{literal!r} is not a {type(default).__name__}")
             except (ValueError, SyntaxError, TypeError) as e:
                 raise ConfigError(
                     f"config argument {key}={value!r}: expected {type(default).__name__}"
@@ -126,7 +131,12 @@ def _one_of(field, value, allowed):
 
 
 def _positive(field, value, allow_zero=False):
-    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    if (
+        not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
@@ -175,6 +185,18 @@ def validate(config, num_devices: int | None = None) -> None:
             f"model.cut_at={m.cut_at} must be -1 (full model) or an exit index in 0..{len(exits) - 1}"
         )
 
+    for task, chosen in m.task_exits.items():
+        if task not in config.data.tasks:
+            raise ConfigError(f"model.task_exits names {task!r}, which is not in data.tasks")
+        if (
+            not chosen
+            or list(chosen) != sorted(set(chosen))
+            or not 0 <= chosen[0] <= chosen[-1] < len(exits)
+        ):
+            raise ConfigError(
+                f"model.task_exits.{task}={tuple(chosen)} must be increasing exit indices in 0..{len(exits) - 1}"
+            )
+
     o = config.objective
     _one_of("objective.preset", o.preset, PRESETS)
     for field in ("kd", "hier", "feat"):
@@ -182,7 +204,7 @@ def validate(config, num_devices: int | None = None) -> None:
             _positive(f"objective.{field}", o[field], allow_zero=True)
     if o.temperature is not None:
         _positive("objective.temperature", o.temperature)
-    if o.ce is not None:
+    if o.ce is not None and not m.task_exits:
         if len(o.ce) != num_exits(config) or any(w < 0 for w in o.ce):
             raise ConfigError(
                 f"objective.ce={tuple(o.ce)} must have {num_exits(config)} weights >= 0, one per exit"

@@ -79,7 +79,12 @@ def build_experiment(config) -> Experiment:
     model_cfg = config_lib.model_section(config)
     model = build_model(model_cfg, tasks)
     depths = exit_positions(model_cfg)[: model.num_exits]
-    objective = build_objective(config.objective, tasks, depths)
+    try:
+        objective = build_objective(
+            config.objective, tasks, depths, {t.name: model.exits_of(t.name) for t in tasks}
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
     strategy = build_strategy(config, dataset, tasks)
     schedule = optim.schedule(config.optimizer, config.train.steps)
     tx = optim.build_optimizer(config.optimizer, config.train.steps)
@@ -220,7 +225,8 @@ def make_eval_step(exp: Experiment):
         for task in exp.tasks:
             labels, mask = batch[task.label_key], batch["mask"]
             per_exit = {}
-            for name, z in zip(exp.exit_names, outputs["logits"][task.name]):
+            names = [exp.exit_names[e] for e in exp.model.exits_of(task.name)]
+            for name, z in zip(names, outputs["logits"][task.name], strict=True):
                 if task.kind == "classification":
                     per_exit[name] = metrics_lib.classification_sums(z, labels, mask)
                 else:

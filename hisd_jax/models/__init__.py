@@ -42,6 +42,9 @@ def build_model(model_cfg, tasks, cut_at=None) -> MultiExitNet:
         stem_features=model_cfg.get("stem_features") or model_cfg.width,
         norm=model_cfg.norm,
         cut_at=cut,
+        task_exits=tuple(
+            (k, tuple(v)) for k, v in sorted(dict(model_cfg.get("task_exits") or {}).items())
+        ),
         head_pool=model_cfg.head_pool,
         head_hidden=tuple(model_cfg.head_hidden),
         dtype=DTYPES[model_cfg.dtype],

@@ -13,12 +13,13 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from hisd_jax.objectives import hisd
+from hisd_jax.objectives.distill import masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
     task_losses: Callable
-    weights: hisd.HiSDWeights
+    weights: dict[str, hisd.HiSDWeights]  # per task, over that task's exits
     needs_projection: bool
 
 
@@ -29,10 +30,29 @@ def _overrides(obj_cfg) -> dict:
     return out
 
 
-def build_objective(obj_cfg, tasks, depths) -> Objective:
-    """Builds the loss for `tasks` on a model whose exits sit at block counts `depths`."""
-    weights = hisd.resolve_weights(obj_cfg.preset, len(depths), depths, **_overrides(obj_cfg))
-    needs_projection = len(depths) > 1 and float(weights.feat) > 0
+def build_objective(obj_cfg, tasks, depths, task_exits=None) -> Objective:
+    """Builds the loss for `tasks` on a model whose exits sit at block counts `depths`.
+
+    `task_exits` maps a task to the exits its heads sit at (default: every exit); each
+    task's HiSD loss runs over its own exits, its deepest one being its teacher. The
+    feature-alignment term needs the task's deepest exit to be the model's final exit
+    (the projections map to the final exit's width).
+    """
+    task_exits = task_exits or {}
+    all_exits = tuple(range(len(depths)))
+    exits = {t.name: tuple(task_exits.get(t.name, all_exits)) for t in tasks}
+    weights = {}
+    for t in tasks:
+        e = exits[t.name]
+        weights[t.name] = hisd.resolve_weights(
+            obj_cfg.preset, len(e), [depths[i] for i in e], **_overrides(obj_cfg)
+        )
+        if len(e) > 1 and weights[t.name].feat > 0 and e[-1] != all_exits[-1]:
+            raise ValueError(
+                f"objective.feat > 0 needs task {t.name!r} to read the final exit "
+                f"(it reads exits {e}); set objective.feat=0.0"
+            )
+    needs_projection = any(len(exits[n]) > 1 and w.feat > 0 for n, w in weights.items())
 
     def task_losses(outputs, batch, progress):
         losses, metrics = {}, {}
@@ -40,21 +60,22 @@ def build_objective(obj_cfg, tasks, depths) -> Objective:
         for task in tasks:
             logits = outputs["logits"][task.name]
             labels = batch[task.label_key]
+            w, e = weights[task.name], exits[task.name]
             if task.kind == "classification":
+                use_feat = len(e) > 1 and w.feat > 0
                 loss, terms = hisd.hisd_loss(
                     logits,
                     labels,
-                    weights,
+                    w,
                     progress=progress,
                     mask=mask,
-                    features=outputs.get("projected") if needs_projection else None,
-                    final_features=outputs["features"][-1] if needs_projection else None,
+                    features=[outputs["projected"][i] for i in e[:-1]] if use_feat else None,
+                    final_features=outputs["features"][e[-1]] if use_feat else None,
                 )
-            else:
-                w = hisd.ce_weights(weights, progress)
-                sq = [jnp.mean((z[:, 0] - labels) ** 2) for z in logits]
-                terms = {f"mse/exit{e}": v for e, v in enumerate(sq)}
-                loss = jnp.sum(w * jnp.stack(sq))
+            else:  # regression: the same per-exit weights on the squared error
+                sq = [masked_mean((z[:, 0] - labels) ** 2, mask) for z in logits]
+                loss = jnp.sum(hisd.ce_weights(w, progress) * jnp.stack(sq))
+                terms = {f"mse/exit{i}": v for i, v in enumerate(sq)}
                 terms["loss"] = loss
             losses[task.name] = loss
             metrics.update({f"{task.name}/{k}": v for k, v in terms.items()})
