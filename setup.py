@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.9",  # tfds.data_source (no TensorFlow needed)
     "grain>=0.2.12",
     "matplotlib>=3.9",
+    "flatbuffers>=24.3",  # jax.export serialization (hisd_jax.export)
     "tensorboardX>=2.6.2",  # TensorBoard event files without TensorFlow
 ]
 

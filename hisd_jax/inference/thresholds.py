@@ -14,7 +14,7 @@ sort/searchsorted/cumsum sweeps rather than one pass over the data per candidate
 
 import numpy as np
 
-from hisd_jax.inference.policies import threshold_exit
+from hisd_jax.inference.policies import patience_exit, threshold_exit
 
 GOALS = ("tolerance", "budget")
 SEARCHES = ("shared", "per_exit")
@@ -233,4 +233,56 @@ def tradeoff_curve(conf, correct, cost, num_points=101):
         "accuracy": n_correct / n,
         "avg_cost": counts @ cost / n,
         "exit_rates": counts / n,
+    }
+
+
+def patience_outcomes(preds, correct, cost):
+    """Accuracy, average cost and exit rates ``[E, E]`` of the patience policy
+    (``policies.patience_exit``) for every patience 1..E (patience E sends everything to the
+    final exit). preds, correct: ``[E, N]``; cost: ``[E]``."""
+    preds, correct = np.asarray(preds), np.asarray(correct, dtype=bool)
+    cost = np.asarray(cost, dtype=np.float64)
+    num_exits, n = preds.shape
+    patience = np.arange(1, num_exits + 1)
+    counts, n_correct = [], []
+    for p in patience:
+        exit_idx = patience_exit(preds, int(p))
+        counts.append(np.bincount(exit_idx, minlength=num_exits))
+        n_correct.append(correct[exit_idx, np.arange(n)].sum())
+    counts, n_correct = np.array(counts), np.array(n_correct)
+    return {
+        "patience": patience,
+        "accuracy": n_correct / n,
+        "avg_cost": counts @ cost / n,
+        "exit_rates": counts / n,
+    }
+
+
+def fit_patience(preds, correct, cost, *, goal, value, reference_accuracy=None):
+    """The patience in 1..E that best meets the goal on validation data (see `fit_thresholds`
+    for the goals and for the closest setting returned with ``feasible=False``).
+
+    Returns a dict: patience, accuracy, avg_cost, exit_rates [E], feasible.
+    """
+    if goal not in GOALS:
+        raise ValueError(f"Unknown goal {goal!r}; allowed: {', '.join(GOALS)}.")
+    correct = np.asarray(correct, dtype=bool)
+    if reference_accuracy is None:
+        reference_accuracy = correct[-1].mean()
+    out = patience_outcomes(preds, correct, cost)
+    acc, avg_cost = out["accuracy"], out["avg_cost"]
+    if goal == "tolerance":
+        feasible = acc >= reference_accuracy - value - _EPS
+    else:
+        feasible = avg_cost <= value + _EPS
+    best = _best(_keys(acc, avg_cost, goal), feasible)
+    if best is None:
+        other = "budget" if goal == "tolerance" else "tolerance"
+        best = _best(_keys(acc, avg_cost, other), np.ones_like(feasible))
+    return {
+        "patience": int(out["patience"][best]),
+        "accuracy": float(acc[best]),
+        "avg_cost": float(avg_cost[best]),
+        "exit_rates": out["exit_rates"][best],
+        "feasible": bool(feasible[best]),
     }

@@ -1,0 +1,282 @@
+"""Standalone models cut at one exit, and a per-exit cost table.
+
+  python -m hisd_jax.export --workdir DIR --exit exit1 --out DIR2
+  python -m hisd_jax.export --workdir DIR --report
+
+The first writes into DIR2 a model that stops at one exit and needs nothing of this code base:
+  params.npz        only the parameters and BatchNorm statistics that exit needs: segments
+                    0..e and head e without its projection (a subset of the tree of
+                    `build_model(..., cut_at=e)`), keyed by '/'-joined paths;
+  model.jaxexport   the inference function `(params, images [B, H, W, C] float32) ->
+                    {task: logits [B, C]}` serialized with `jax.export` (batch size symbolic);
+  meta.json         exit, tasks, input shape, parameter count, platforms and how to run it.
+Loading needs only jax and numpy:
+
+    exported = jax.export.deserialize(bytearray(open("model.jaxexport", "rb").read()))
+    params = dict(np.load("params.npz"))
+    logits = exported.call(params, images)  # {task: [B, C]}
+
+Inputs are the data set's preprocessed images (what the training pipeline feeds the model).
+
+--report prints for every exit its parameter count, FLOPs, test accuracy, latency per batch and
+peak memory (the compiled program's argument + output + temporary bytes from XLA's memory
+analysis) and writes DIR/export_report.json.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hisd_jax import config as config_lib
+from hisd_jax.evaluate import load_workdir, split_arrays
+from hisd_jax.inference import cascade
+from hisd_jax.inference import cost as cost_lib
+from hisd_jax.models import build_model
+
+SEP = "/"
+MODEL_FILE, PARAMS_FILE = "model.jaxexport", "params.npz"
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def exit_index(exp, exit_name) -> int:
+    names = list(exp.exit_names)
+    if isinstance(exit_name, int) or str(exit_name).isdigit():
+        e = int(exit_name)
+    elif exit_name in names:
+        e = names.index(exit_name)
+    else:
+        raise ValueError(f"exit {exit_name!r} is not one of {', '.join(names)}")
+    if not 0 <= e < len(names):
+        raise ValueError(f"exit index {e} is not in 0..{len(names) - 1}")
+    return e
+
+
+def cut_model(exp, e: int):
+    """The model cut at exit e (`build_model(..., cut_at=e)`)."""
+    return build_model(config_lib.model_section(exp.config), exp.tasks, cut_at=e)
+
+
+def _subset(full, like, path=()):
+    """The entries of `full` at the paths of `like` (nested dicts), checking leaf shapes."""
+    if not isinstance(like, dict):
+        if tuple(full.shape) != tuple(like.shape):
+            raise ValueError(f"{SEP.join(path)}: shape {full.shape} != cut model's {like.shape}")
+        return full
+    return {k: _subset(full[k], v, (*path, k)) for k, v in like.items()}
+
+
+def cut_variables(exp, variables, e: int, standalone: bool = True) -> dict:
+    """Variables of the model cut at exit e, taken from the trained full model's.
+
+    The subset follows the cut model's tree (`jax.eval_shape` of its init) without the exit
+    heads' feature projections, which only training uses. `standalone=True` keeps only what
+    exit e's own prediction needs (segments 0..e and head e); False also keeps heads 0..e-1,
+    which the cut model's `__call__` evaluates.
+    """
+    model = cut_model(exp, e)
+    x = jax.ShapeDtypeStruct((1, *exp.dataset.image_shape), jnp.float32)
+    like = jax.eval_shape(model.init, jax.random.key(0), x)
+    full = jax.device_get(variables)
+    keep = {f"segments_{i}" for i in range(e + 1)} | {f"heads_{e}"}
+    if not standalone:
+        keep |= {f"heads_{i}" for i in range(e)}
+    out = {}
+    for col, tree in like.items():
+        tree = {k: v for k, v in tree.items() if k in keep}
+        tree = {k: {n: m for n, m in v.items() if n != "proj"} for k, v in tree.items()}
+        if tree:
+            out[col] = _subset(full[col], tree, (col,))
+    return out
+
+
+def flatten(tree, prefix=()) -> dict:
+    """Nested dicts of arrays -> {'a/b/c': array}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, (*prefix, k)))
+        else:
+            out[SEP.join((*prefix, k))] = v
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    out = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(SEP)
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def standalone_fn(model, e: int):
+    """``(flat_variables, images) -> {task: logits}`` of exit e alone: segments 0..e, head e."""
+    cls = type(model)
+
+    def fn(flat, x):
+        variables = unflatten(flat)
+        for i in range(e + 1):
+            x = model.apply(variables, i, x, method=cls.run_segment)
+        return model.apply(variables, e, x, method=cls.run_head)["logits"]
+
+    return fn
+
+
+def param_count(flat: dict) -> int:
+    """Parameters (not BatchNorm statistics) in a flat variables dict."""
+    return int(sum(np.size(v) for k, v in flat.items() if k.startswith("params" + SEP)))
+
+
+def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=None) -> dict:
+    """Writes exit `exit_name`'s standalone model to `out_dir` (see the module docstring).
+
+    Returns the meta dict that is also written to meta.json.
+    """
+    if exp is None or variables is None:
+        exp, variables = load_workdir(workdir)
+    e = exit_index(exp, exit_name)
+    model = cut_model(exp, e)
+    flat = {k: np.asarray(v) for k, v in flatten(cut_variables(exp, variables, e)).items()}
+    fn = jax.jit(standalone_fn(model, e))
+    (b,) = jax.export.symbolic_shape("b")
+    image_shape = tuple(exp.dataset.image_shape)
+    specs = (
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
+        jax.ShapeDtypeStruct((b, *image_shape), jnp.float32),
+    )
+    try:
+        exported = jax.export.export(fn, platforms=PLATFORMS)(*specs)
+    except Exception:  # noqa: BLE001 - a backend's lowering is missing: this platform only
+        exported = jax.export.export(fn)(*specs)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
+        f.write(exported.serialize())
+    np.savez(os.path.join(out_dir, PARAMS_FILE), **flat)
+    meta = {
+        "source_workdir": os.path.abspath(workdir),
+        "name": exp.config.name,
+        "exit": exp.exit_names[e],
+        "exit_index": e,
+        "num_exits_full_model": len(exp.exit_names),
+        "tasks": {t.name: t.num_classes for t in exp.tasks if t.kind == "classification"}
+        | {t.name: 1 for t in exp.tasks if t.kind != "classification"},
+        "input": {"shape": ["batch", *image_shape], "dtype": "float32"},
+        "params": param_count(flat),
+        "variables": len(flat),
+        "platforms": list(exported.platforms),
+        "files": [MODEL_FILE, PARAMS_FILE, "meta.json"],
+        "usage": (
+            "exported = jax.export.deserialize(bytearray(open('model.jaxexport', 'rb').read())); "
+            "params = dict(np.load('params.npz')); logits = exported.call(params, images)"
+        ),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def _latency(compiled, args, repeats=20, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def exit_report(
+    workdir: str, batch_size: int = 256, split: str = "test", *, exp=None, variables=None
+):
+    """Per exit: parameters, FLOPs (and fraction of the full model), accuracy on `split`,
+    latency per batch of `batch_size` (median after warm-up) and peak memory of the compiled
+    standalone model (argument + output + temporary bytes)."""
+    if exp is None or variables is None:
+        exp, variables = load_workdir(workdir)
+    task = exp.tasks[0]
+    images, labels = split_arrays(exp, split, task.label_key)
+    pieces = cost_lib.piece_flops(exp.model, variables, exp.dataset.image_shape)
+    costs = cost_lib.exit_costs(pieces)
+    logits = cascade.all_exit_logits(exp.model, variables, images, task.name)
+    x = cascade._pad_rows(images[:batch_size], batch_size)
+    rows = []
+    for e, name in enumerate(exp.exit_names):
+        flat = flatten(cut_variables(exp, variables, e))
+        flat = {k: jnp.asarray(v) for k, v in flat.items()}
+        compiled = jax.jit(standalone_fn(cut_model(exp, e), e)).lower(flat, x).compile()
+        mem = compiled.memory_analysis()
+        peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        row = {
+            "exit": name,
+            "params": param_count(flat),
+            "flops": float(costs["standalone"][e]),
+            "fraction": float(costs["fraction"][e]),
+            "latency_ms": 1e3 * _latency(compiled, (flat, x)),
+            "peak_memory_bytes": int(peak),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+        }
+        if task.kind == "classification":
+            row[f"{split}_accuracy"] = float(np.mean(logits[e].argmax(-1) == labels))
+        rows.append(row)
+    report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,
+              "split": split, "exits": rows}  # fmt: skip
+    with open(os.path.join(workdir, "export_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def format_exit_report(report: dict) -> str:
+    split = report["split"]
+    lines = [
+        f"{report['workdir']}: standalone model per exit (task {report['task']}, batch "
+        f"{report['batch_size']})",
+        f"{'exit':<8}{'params':>10}{'FLOPs':>12}{'fraction':>10}{split + ' acc':>10}"
+        f"{'latency ms':>12}{'peak MiB':>10}",
+    ]
+    for r in report["exits"]:
+        acc = r.get(f"{split}_accuracy", float("nan"))
+        lines.append(
+            f"{r['exit']:<8}{r['params']:>10d}{r['flops']:>12.4g}{r['fraction']:>10.3f}"
+            f"{acc:>10.4f}{r['latency_ms']:>12.3f}{r['peak_memory_bytes'] / 2**20:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m hisd_jax.export", description="Standalone per-exit models and costs."
+    )
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--exit", help="exit name (exit0, ...) or index to export")
+    p.add_argument("--out", help="output directory of the standalone model")
+    p.add_argument("--report", action="store_true", help="print every exit's costs")
+    p.add_argument("--batch_size", type=int, default=256, help="batch of the latency report")
+    args = p.parse_args(argv)
+    if not args.report and (args.exit is None or args.out is None):
+        p.error("give --exit and --out, or --report")
+    exp, variables = load_workdir(args.workdir)
+    if args.exit is not None:
+        if args.out is None:
+            p.error("--exit needs --out")
+        meta = export_exit(args.workdir, args.exit, args.out, exp=exp, variables=variables)
+        print(
+            f"exported {meta['exit']} ({meta['params']} parameters, platforms "
+            f"{', '.join(meta['platforms'])}) to {args.out}"
+        )
+    if args.report:
+        report = exit_report(args.workdir, args.batch_size, exp=exp, variables=variables)
+        print(format_exit_report(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Batched early-exit inference that skips deeper computation, and its mask-based reference.
+
+Two ways to run an early-exit policy over a data set:
+
+  * mask-based (the reference): run every segment and every head on every example
+    (`all_exit_logits`), then pick each example's exit from the logits of all exits
+    (`mask_policy`, i.e. `policies.threshold_exit` / `policies.patience_exit`). Its results
+    are what the policy means; its cost is the whole model plus every head.
+  * compacting cascade (`Cascade`): per batch, run segment 0 and head 0, decide on device
+    which examples exit, gather the undecided ones into a bucket of a fixed size (powers of
+    two up to the batch size, or always the batch size) and run the next segment on that
+    bucket only. Bucket sizes come from a fixed set, so each (segment, bucket) pair compiles
+    once and nothing recompiles per batch; thresholds are traced arguments, so changing them
+    never recompiles either.
+
+Both return per example the chosen exit, the prediction and the chosen exit's logits. The
+cascade also counts the FLOPs it ran (per-piece XLA costs from `cost.piece_flops` times the
+number of real examples in each stage, and separately the padded bucket sizes).
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hisd_jax.inference import cost as cost_lib
+from hisd_jax.inference import policies
+
+POLICIES = (*policies.CONFIDENCE_KINDS, "patience")
+BUCKETS = ("pow2", "batch")
+
+
+def bucket_sizes(batch_size: int, buckets: str = "pow2", min_bucket: int = 8) -> tuple[int, ...]:
+    """Sorted bucket sizes: powers of two from `min_bucket` below `batch_size`, then `batch_size`
+    ("pow2"), or just `batch_size` ("batch")."""
+    if buckets not in BUCKETS:
+        raise ValueError(f"Unknown buckets {buckets!r}; allowed: {', '.join(BUCKETS)}.")
+    sizes = []
+    if buckets == "pow2":
+        b = max(1, min_bucket)
+        while b < batch_size:
+            sizes.append(b)
+            b *= 2
+    return (*sizes, batch_size)
+
+
+def _bucket_for(n: int, sizes) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+def _check_policy(policy):
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown policy {policy!r}; allowed: {', '.join(POLICIES)}.")
+
+
+def mask_policy(logits, policy="max_softmax", thresholds=None, patience=None, temperatures=None):
+    """Reference early exit over all exits' logits ``[E, N, C]`` (host, float64 confidences).
+
+    Returns ``(exit_idx [N], preds [N], chosen_logits [N, C])``.
+    """
+    _check_policy(policy)
+    z = np.asarray(logits, dtype=np.float64)
+    if policy == "patience":
+        exit_idx = policies.patience_exit(z.argmax(-1), int(patience))
+    else:
+        if temperatures is not None:
+            z = z / np.asarray(temperatures, dtype=np.float64)[:, None, None]
+        conf = policies.confidence(z, policy)
+        exit_idx = policies.threshold_exit(conf, np.asarray(thresholds, dtype=np.float64))
+    preds, chosen = policies.apply_exits(np.asarray(logits), exit_idx)
+    return exit_idx, preds, chosen
+
+
+def _batches(images, batch_size):
+    for start in range(0, images.shape[0], batch_size):
+        yield start, images[start : start + batch_size]
+
+
+def _pad_rows(x, size):
+    """Pads ``x`` to ``size`` rows by repeating row 0 (a valid input; its outputs are dropped)."""
+    if x.shape[0] == size:
+        return x
+    return np.concatenate([x, np.repeat(x[:1], size - x.shape[0], axis=0)])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task"))
+def _all_logits(variables, x, *, model, task):
+    return jnp.stack(model.apply(variables, x)["logits"][task])
+
+
+def all_exit_logits(model, variables, images, task, batch_size=256):
+    """Logits of every exit for ``task`` over host ``images [N, ...]``: ``[E, N, C]`` float32.
+
+    One jitted full-model forward per batch of a fixed size (the last batch is padded).
+    """
+    out = []
+    for _, x in _batches(images, batch_size):
+        n = x.shape[0]
+        out.append((_all_logits(variables, _pad_rows(x, batch_size), model=model, task=task), n))
+    return np.concatenate([np.asarray(z)[:, :n] for z, n in out], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task", "i"))
+def _stage(variables, x, prev_pred, run, rule, *, model, task, i):
+    """Segment i and head i of `model` on a bucket ``x``.
+
+    Returns (segment output or None at the final exit, logits, pred, run length, done). `rule`
+    holds traced scalars (policy index into `POLICIES`, threshold, temperature, patience), so
+    one compiled program per (model, task, exit, bucket size) serves every policy and setting.
+    """
+    cls = type(model)
+    h = model.apply(variables, i, x, method=cls.run_segment)
+    logits = model.apply(variables, i, h, method=cls.run_head)["logits"][task]
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    run = jnp.ones_like(run) if i == 0 else jnp.where(pred == prev_pred, run + 1, 1)
+    if i == model.num_exits - 1:
+        return None, logits, pred, run, jnp.ones(pred.shape, bool)
+    z = logits / rule["temperature"]
+    kinds = policies.CONFIDENCE_KINDS
+    kind = jnp.minimum(rule["policy"], len(kinds) - 1)
+    conf = jax.lax.switch(kind, [functools.partial(policies.confidence, kind=k) for k in kinds], z)
+    patient = rule["policy"] == POLICIES.index("patience")
+    done = jnp.where(patient, run >= rule["patience"], conf >= rule["threshold"])
+    return h, logits, pred, run, done
+
+
+@jax.jit
+def _take(tree, idx):
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+class Cascade:
+    """Compacting early-exit cascade over a `MultiExitNet` for one classification task.
+
+    Args:
+      model: the multi-exit model (any `cut_at`); `variables`: {'params', 'batch_stats'}.
+      task: task name whose logits drive the policy and are returned.
+      policy: one of `POLICIES`. Threshold policies exit at the first e with
+        confidence(logits_e / T_e) >= thresholds[e] (`policies.threshold_exit`); "patience"
+        exits at the first e whose prediction has been the same for `patience` exits.
+      batch_size: examples per batch (the last batch uses the smallest bucket that holds it).
+      buckets, min_bucket: the bucket sizes undecided examples are compacted into
+        (`bucket_sizes`). "batch" keeps every stage at the batch size (no compute is skipped,
+        only the control flow runs: a baseline for the compaction itself).
+      image_shape: per-example input shape, needed to cost each piece (`cost.piece_flops`);
+        without it (or `pieces`, that function's result) FLOPs are not counted.
+    """
+
+    def __init__(
+        self,
+        model,
+        variables,
+        task,
+        policy="max_softmax",
+        *,
+        batch_size=256,
+        buckets="pow2",
+        min_bucket=8,
+        image_shape=None,
+        pieces=None,
+    ):
+        _check_policy(policy)
+        self.model, self.variables, self.task, self.policy = model, variables, task, policy
+        self.num_exits = model.num_exits
+        self.batch_size = batch_size
+        self.sizes = bucket_sizes(batch_size, buckets, min_bucket)
+        self.piece_costs = None
+        if pieces is None and image_shape is not None:
+            pieces = cost_lib.piece_flops(model, variables, image_shape)
+        if pieces is not None:
+            self.piece_costs = np.asarray(pieces["segments"]) + np.asarray(pieces["heads"])
+
+    def __call__(self, images, thresholds=None, patience=None, temperatures=None):
+        """Runs the cascade over host ``images [N, ...]``.
+
+        Returns a dict of host arrays: exit_idx [N], preds [N], logits [N, C] (at the chosen
+        exit), stage_sizes [E] (real examples that ran each segment), bucket_rows [E] (rows
+        computed including padding) and, when the pieces are costed, flops_per_example (the
+        FLOPs of the pieces each example actually ran, averaged) and padded_flops_per_example
+        (the FLOPs of the buckets run, padding included, per example).
+        """
+        num_exits = self.num_exits
+        if self.policy == "patience":
+            if patience is None:
+                raise ValueError("policy 'patience' needs patience")
+            thresholds = np.zeros(num_exits)
+        elif thresholds is None:
+            raise ValueError(f"policy {self.policy!r} needs thresholds")
+        thr = np.asarray(thresholds, np.float32)
+        temps = np.ones(num_exits, np.float32) if temperatures is None else temperatures
+        temps = np.asarray(temps, np.float32)
+        rules = [
+            {
+                "policy": np.int32(POLICIES.index(self.policy)),
+                "threshold": thr[i],
+                "temperature": temps[i],
+                "patience": np.int32(0 if patience is None else patience),
+            }
+            for i in range(num_exits)
+        ]
+
+        n_total = images.shape[0]
+        exit_idx = np.full(n_total, -1, np.int64)
+        preds = np.zeros(n_total, np.int64)
+        chosen = None
+        stage_sizes = np.zeros(num_exits, np.int64)
+        bucket_rows = np.zeros(num_exits, np.int64)
+        for start, x in _batches(images, self.batch_size):
+            n = x.shape[0]
+            size = _bucket_for(n, self.sizes)
+            rows = np.arange(n)  # batch positions of the live slots [0:n] of the bucket
+            h = _pad_rows(x, size)
+            prev_pred = np.zeros(size, np.int32)
+            run = np.zeros(size, np.int32)
+            for i in range(num_exits):
+                stage_sizes[i] += n
+                bucket_rows[i] += size
+                h, logits, pred, run, done = _stage(
+                    self.variables,
+                    h,
+                    prev_pred,
+                    run,
+                    rules[i],
+                    model=self.model,
+                    task=self.task,
+                    i=i,
+                )
+                logits_h, pred_h, done_h = jax.device_get((logits, pred, done))
+                done_h = done_h[:n]
+                out = start + rows[done_h]
+                exit_idx[out] = i
+                preds[out] = pred_h[:n][done_h]
+                if chosen is None:
+                    chosen = np.zeros((n_total, logits_h.shape[-1]), logits_h.dtype)
+                chosen[out] = logits_h[:n][done_h]
+                keep = np.flatnonzero(~done_h)
+                if keep.size == 0:
+                    break
+                prev_pred = pred
+                if keep.size == n:  # nobody left: the bucket stays as it is
+                    continue
+                n, rows = keep.size, rows[keep]
+                size = _bucket_for(n, self.sizes)
+                idx = np.concatenate([keep, np.zeros(size - n, keep.dtype)]).astype(np.int32)
+                h, prev_pred, run = _take((h, pred, run), idx)
+        result = {
+            "exit_idx": exit_idx,
+            "preds": preds,
+            "logits": chosen,
+            "stage_sizes": stage_sizes,
+            "bucket_rows": bucket_rows,
+        }
+        if self.piece_costs is not None:
+            result["flops_per_example"] = float(stage_sizes @ self.piece_costs / n_total)
+            result["padded_flops_per_example"] = float(bucket_rows @ self.piece_costs / n_total)
+        return result
+
+
+def full_model_fn(model, task):
+    """Jitted ``(variables, x) -> final-exit logits``: every segment and only the final head
+    (the cost of the full model as a standalone network)."""
+    cls = type(model)
+
+    def fn(variables, x):
+        for i in range(model.num_exits):
+            x = model.apply(variables, i, x, method=cls.run_segment)
+        return model.apply(variables, model.num_exits - 1, x, method=cls.run_head)["logits"][task]
+
+    return jax.jit(fn)
+
+
+def run_full_model(fn, variables, images, batch_size, sizes=None):
+    """Final-exit predictions ``[N]`` of `full_model_fn` over host ``images``, one fixed-size
+    batch at a time (the last batch padded to the smallest of `sizes` that holds it)."""
+    sizes = sizes or (batch_size,)
+    outs = []
+    for _, x in _batches(images, batch_size):
+        n = x.shape[0]
+        outs.append((jnp.argmax(fn(variables, _pad_rows(x, _bucket_for(n, sizes))), -1), n))
+    return np.concatenate([np.asarray(p)[:n] for p, n in outs])
+
+
+def time_interleaved(fns, repeats=3, warmup=1):
+    """Best wall-clock seconds of each of ``fns`` over `repeats` rounds after `warmup` rounds;
+    a round calls every function once, so drifting machine load affects them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def measure_speed(
+    cascade: Cascade, images, *, thresholds=None, patience=None, temperatures=None, repeats=3
+):
+    """Wall-clock throughput of the cascade against the full model on the same ``images``,
+    same batch size, after one warm-up pass of each (which compiles every bucket shape used).
+
+    Returns full_s, cascade_s (best of `repeats` interleaved passes over the whole set),
+    examples per second for both and speedup = full_s / cascade_s.
+    """
+    full = full_model_fn(cascade.model, cascade.task)
+    run_full = functools.partial(
+        run_full_model, full, cascade.variables, images, cascade.batch_size, cascade.sizes
+    )
+    run_cascade = functools.partial(
+        cascade, images, thresholds=thresholds, patience=patience, temperatures=temperatures
+    )
+    full_s, cascade_s = time_interleaved([run_full, run_cascade], repeats)
+    n = images.shape[0]
+    return {
+        "batch_size": cascade.batch_size,
+        "buckets": list(cascade.sizes),
+        "examples": int(n),
+        "full_s": full_s,
+        "cascade_s": cascade_s,
+        "full_examples_per_s": n / full_s,
+        "cascade_examples_per_s": n / cascade_s,
+        "speedup": full_s / cascade_s,
+    }
