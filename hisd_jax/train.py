@@ -40,7 +40,7 @@ class TrainState:
     strategy_params: Any  # learnable MTL strategy parameters (UW's log-variances), else {}
     strategy_state: Any  # MTL strategy state (DWA's losses, GradVac's targets, ...), else {}
     rng: jnp.ndarray  # uint32 key data; step keys are fold_in(rng, step)
-    bad_step: jnp.ndarray  # int32: first step whose loss or gradient was not finite, -1 if none
+    bad_step: jnp.ndarray  # int32: state.step before the first non-finite update, -1 if none
 
 
 @dataclasses.dataclass
@@ -136,8 +136,8 @@ def make_train_step(exp: Experiment):
     """Returns the jitted step (state, metric_sums, batch) -> (state, metric_sums).
 
     The metric sums accumulate on device between log steps, so the hot loop never
-    waits for the host. A non-finite loss or gradient leaves the state unchanged and
-    records the step in `bad_step`; the loop stops at its next check.
+    waits for the host. A non-finite loss, gradient or new parameter leaves the state
+    unchanged and records the step in `bad_step`; the loop stops at its next check.
     """
     total = exp.config.train.steps
     objective, model, tx = exp.objective, exp.model, exp.tx
@@ -180,7 +180,11 @@ def make_train_step(exp: Experiment):
         new = optax.apply_updates(trainable, updates)
         params, updates = new["model"], updates["model"]
         grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+        # Finite loss and gradient can still overflow the parameters (huge lr): check them too.
+        new_finite = jax.tree.reduce(
+            lambda a, x: a & jnp.all(jnp.isfinite(x)), new, jnp.array(True)
+        )
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & new_finite & (state.bad_step < 0)
 
         def keep(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -214,6 +218,17 @@ def make_train_step(exp: Experiment):
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
     )
+
+
+def zero_metric_sums(exp: Experiment, train_step, state, batch) -> dict:
+    """Zeros shaped like the step's metrics, replicated like the step's outputs.
+
+    Matching the output sharding matters: uncommitted inputs would make the second
+    call of the step compile again.
+    """
+    shapes = jax.eval_shape(train_step, state, {}, batch)[1]
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    return jax.jit(zeros, out_shardings=parallel.replicated(exp.mesh))()
 
 
 def make_eval_step(exp: Experiment):
@@ -370,14 +385,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             ckpt.wait()
             last = ckpt.latest_step()
             raise FloatingPointError(
-                f"non-finite loss or gradient at step {bad} (stopped at step {step}); the last good "
-                f"checkpoint (step {last}) is kept in {workdir}/checkpoints. Lower optimizer.lr, set "
-                "optimizer.grad_clip, or check the data."
+                f"non-finite loss, gradient or parameters at step {bad + 1} (stopped at step "
+                f"{step}); the last good checkpoint (step {last}) is kept in {workdir}/checkpoints. "
+                "Lower optimizer.lr, set optimizer.grad_clip, or check the data."
             )
-
-    def zero_sums(batch):
-        shapes = jax.eval_shape(train_step, state, {}, batch)[1]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     t_start, sums, n_sums = time.perf_counter(), None, 0
     with _Preemption() as preemption:
@@ -385,7 +396,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             local = next(iterator)
             batch = parallel.global_batch({k: local[k] for k in keys}, sharding)
             if sums is None:
-                sums = zero_sums(batch)
+                sums = zero_metric_sums(exp, train_step, state, batch)
             state, sums = train_step(state, sums, batch)
             n_sums += 1
             if step % cfg.log_every == 0 or step == total:
