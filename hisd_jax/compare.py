@@ -5,8 +5,11 @@
 The config holds a `base` experiment config and `runs`: {name: nested overrides of
 `base`, e.g. {"objective": {"preset": "sdn"}}}. Each run trains in `<workdir>/<name>` (a finished run, one with a
 results.json, is not repeated; an interrupted one resumes). The comparison prints one
-table (per exit: FLOPs fraction and each method's test accuracy) and writes
-`comparison.md`, `comparison.json` and `accuracy_vs_flops.png` to the workdir.
+table (per exit: FLOPs fraction and each method's test accuracy), then, for every
+multi-exit run, fits early-exit thresholds on its validation split for a 1% accuracy
+tolerance and for a 50% compute budget and reports them on the test split (accuracy,
+average FLOPs, measured cascade speedup). Written to the workdir: `comparison.md`,
+`comparison.json`, `accuracy_vs_flops.png`, and per run `early_exit_{tol,budget}.json`.
 """
 
 import copy
@@ -68,6 +71,46 @@ def comparison_table(results: dict[str, dict], task: str) -> tuple[list[str], li
     return header, rows
 
 
+EARLY_EXIT_POINTS = {"tol": {"tolerance": 0.01}, "budget": {"budget": 0.5}}
+
+
+def early_exit_rows(run_dirs: dict[str, str]) -> tuple[list[str], list[list[str]], dict]:
+    """Early-exit operating points of every multi-exit run (fitted on val, shown on test)."""
+    from hisd_jax import evaluate  # noqa: PLC0415
+
+    header = ["method", "goal", "test acc", "final-exit acc", "avg FLOPs", "exit rates", "speedup"]
+    rows, reports = [], {}
+    for name, run_dir in run_dirs.items():
+        exp, variables = evaluate.load_workdir(run_dir)
+        if exp.model.num_exits < 2:
+            continue
+        for key, goal in EARLY_EXIT_POINTS.items():
+            report = evaluate.early_exit_report(
+                run_dir, exp=exp, variables=variables, write=False, plot=key == "tol", **goal
+            )
+            with open(os.path.join(run_dir, f"early_exit_{key}.json"), "w") as f:
+                json.dump(report, f, indent=2)
+            reports[f"{name}/{key}"] = report
+            t = report["test"]
+            label = (
+                f"tolerance {goal['tolerance']:.0%}"
+                if "tolerance" in goal
+                else f"budget {goal['budget']:.0%}"
+            )
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{100 * t['accuracy']:.2f}",
+                    f"{100 * t['final_exit_accuracy']:.2f}",
+                    f"{t['avg_flops_fraction']:.3f}",
+                    " / ".join(f"{r:.2f}" for r in t["exit_rates"]),
+                    f"{report['speed']['speedup']:.2f}x",
+                ]
+            )
+    return header, rows, reports
+
+
 def markdown(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -120,13 +163,26 @@ def compare(config, workdir: str, only=()) -> dict:
     task = config.base.data.tasks[0]
     header, rows = comparison_table(results, task)
     table = markdown(header, rows)
+    ee_header, ee_rows, _ = early_exit_rows({name: os.path.join(workdir, name) for name in results})
+    ee_table = markdown(ee_header, ee_rows)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(f"Test accuracy (%) per exit, task '{task}'.\n\n{table}\n")
-    summary = {"task": task, "header": header, "rows": rows, "train_seconds": times}
+        f.write(f"Test accuracy (%) per exit, task '{task}'.\n\n{table}\n\n")
+        f.write(
+            "Early exit (max-softmax, per-exit temperatures and thresholds fitted on the "
+            f"validation split; test split; measured cascade speedup on CPU):\n\n{ee_table}\n"
+        )
+    summary = {
+        "task": task,
+        "header": header,
+        "rows": rows,
+        "early_exit_header": ee_header,
+        "early_exit_rows": ee_rows,
+        "train_seconds": times,
+    }
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot(results, task, os.path.join(workdir, "accuracy_vs_flops.png"))
-    return {"table": table, "results": results, "train_seconds": times}
+    return {"table": table + "\n\n" + ee_table, "results": results, "train_seconds": times}
 
 
 def main(argv):
