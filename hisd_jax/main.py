@@ -26,11 +26,34 @@ def config_error(message: str) -> None:
     sys.exit(2)
 
 
+def _describe(e: BaseException, argv) -> str:
+    """One line for a flag-parsing error, naming the config field or variant at fault."""
+    cause, innermost = e, None
+    while cause is not None:  # a ConfigError raised while the config file ran (bad `:k=v`)
+        if isinstance(cause, config_lib.ConfigError):
+            innermost = cause  # ml_collections re-raises it wrapped in a traceback dump
+        cause = cause.__cause__ or cause.__context__
+    if innermost is not None:
+        return str(innermost).splitlines()[0]
+    if isinstance(e, OSError):  # the config file could not be loaded
+        return "--config: " + str(e).strip().splitlines()[-1].strip()
+    if isinstance(e, (AttributeError, KeyError)):  # an override of a field the config lacks
+        key = str(e).strip("\"'")
+        for arg in argv:
+            path = arg.lstrip("-").split("=", 1)[0]
+            if path.startswith("config.") and key in path.split("."):
+                return f"--{path}: the config has no field {key!r}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def parse_flags(argv):
     """absl flag parsing with config errors (bad file, unknown field) as exit code 2."""
     try:
-        return FLAGS(argv)
+        argv = FLAGS(argv)
+        FLAGS.config.get("name")  # a config file that failed to load raises on first use
+        return argv
     except (
+        OSError,
         flags.Error,
         config_lib.ConfigError,
         AttributeError,
@@ -38,7 +61,7 @@ def parse_flags(argv):
         TypeError,
         ValueError,
     ) as e:
-        config_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        config_error(_describe(e, argv))
 
 
 def main(argv):

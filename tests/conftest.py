@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny but real config that trains in seconds on 2 CPU cores."""
+
 import os
 import subprocess
 import sys
@@ -46,6 +47,11 @@ def run_python(code_or_args, env_extra=None, timeout=600, **kw):
     env.update(env_extra or {})
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout, **kw,
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
     )
