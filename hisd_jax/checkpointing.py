@@ -34,7 +34,15 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return step % self.every == 0 or self._mngr.reached_preemption(step)
+        return step % self.every == 0 or self.reached_preemption(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step all processes stop at after a preemption notice (multi-process).
+
+        Ask it at every step: JAX's sync manager picks the step after the furthest step any
+        process had reached when the notice came. Always False in a single process.
+        """
+        return self._mngr.reached_preemption(step)
 
     def save(
         self, step: int, state, data_state: dict, extra: dict | None = None, force: bool = False

@@ -306,13 +306,22 @@ def _flat(split_metrics: dict) -> dict:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then stop)."""
+    """Turns SIGTERM into a flag the loop checks between steps (save, then stop).
+
+    With several processes the flag is left to JAX: each process sees the signal between
+    different steps, and stopping where each saw it deadlocks the job (one process saving,
+    another in the next step's collectives). jax.distributed.initialize attaches its
+    preemption sync manager to SIGTERM; it picks one step for all processes, reported by
+    `Checkpointer.reached_preemption(step)`, which the loop asks at every step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:  # keep JAX's synchronised SIGTERM handling
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -407,10 +416,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 sums, n_sums = None, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 writer.write(step, "val", _flat(evaluate(exp, state, "val", eval_step)))
-            if ckpt.should_save(step) or step == total or preemption.requested:
+            preempted = preemption.requested or ckpt.reached_preemption(step)
+            if ckpt.should_save(step) or step == total or preempted:
                 check_finite(step)
                 ckpt.save(step, state, iterator.get_state(), force=True)
-            if preemption.requested:
+            if preempted:
                 ckpt.wait()
                 logging.warning("Preempted at step %d; checkpoint saved, rerun to resume.", step)
                 raise SystemExit(143)

@@ -1,0 +1,217 @@
+"""Subprocess drivers for the resume, multi-device and multi-host tests.
+
+Run as `python tests/_workers.py COMMAND ...` in a fresh process (so XLA_FLAGS and the
+jax.distributed variables take effect before JAX starts):
+
+  train WORKDIR ARG            train_and_evaluate(get_config(ARG), WORKDIR), then dump the
+                               final state to WORKDIR/final_state.npz
+  dump WORKDIR ARG OUT         restore the latest checkpoint of WORKDIR into OUT (.npz)
+  spmd ARG STEPS DEVICES OUT   STEPS train steps by hand with the trainer's pieces, checking
+                               shardings on the way; losses and eval metrics in OUT.json,
+                               the final state in OUT.npz
+
+It is also an ml_collections config file: `--config tests/_workers.py:ARG` where ARG is
+`section__field=value,...` (values read with ast.literal_eval, bare words as strings) gives
+`conftest.tiny_config(**overrides)`.
+"""
+
+import ast
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # for `conftest` when loaded as a config file by absl/ml_collections
+    sys.path.insert(0, HERE)
+
+
+def parse_arg(arg: str | None) -> dict:
+    out = {}
+    for item in (arg or "").split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def get_config(arg=None):
+    from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+
+    return tiny_config(**parse_arg(arg))
+
+
+def cache_env(pytestconfig, tmp_path_factory) -> dict:
+    """Environment for a persistent XLA compilation cache shared by every test process.
+
+    It lives in pytest's cache directory (.pytest_cache/d/jax_compilation_cache) so that
+    later sessions skip most compilation too; entries are keyed by the program, JAX
+    version and flags, so a stale entry is never used. Without pytest's cache provider
+    (-p no:cacheprovider) the cache lasts one session.
+    """
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is not None:
+        path = cache.mkdir("jax_compilation_cache")
+    else:
+        path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(path),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def flat_state(state) -> dict:
+    """{'params/...': np.ndarray} for every leaf of the train state (this process's copy)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0)) for path, leaf in leaves
+    }
+
+
+def load_npz(path) -> dict:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def restore_latest(config, workdir):
+    """The latest checkpointed train state of `workdir` (replicated over this job's devices)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from hisd_jax import checkpointing, parallel, train  # pylint: disable=g-import-not-at-top
+
+    exp = train.build_experiment(config)
+    replicated = parallel.replicated(exp.mesh)
+    abstract = jax.eval_shape(lambda: train.init_state(exp))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+    )
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=1, keep=100, async_save=False
+    )
+    step = ckpt.latest_step()
+    state, data_state, _ = ckpt.restore(abstract)
+    ckpt.close()
+    return step, state, data_state
+
+
+def dump(config, workdir, out) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    step, state, data_state = restore_latest(config, workdir)
+    if jax.process_index() == 0:
+        np.savez(out, **flat_state(state), __ckpt_step=step, __data_step=data_state["step"])
+
+
+def cmd_train(workdir, arg) -> None:
+    from hisd_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    parallel.maybe_initialize_distributed()
+    from hisd_jax import train  # pylint: disable=g-import-not-at-top
+
+    config = get_config(arg)
+    train.train_and_evaluate(config, workdir)
+    dump(config, workdir, os.path.join(workdir, "final_state.npz"))
+
+
+def cmd_spmd(arg, steps, devices, out) -> None:
+    """A few steps by hand with the trainer's jitted step, asserting how things are sharded."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+    from hisd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from hisd_jax import parallel, train  # pylint: disable=g-import-not-at-top
+
+    assert jax.device_count() == devices, (jax.device_count(), devices)
+    assert jax.local_device_count() == devices and jax.process_count() == 1
+    config = get_config(arg)
+    exp = train.build_experiment(config)
+    assert exp.mesh.shape == {"data": devices}, exp.mesh.shape
+    all_devices = set(jax.devices())
+
+    def check_replicated(tree):
+        for leaf in jax.tree.leaves(tree):
+            assert leaf.sharding.is_fully_replicated, leaf.sharding
+            assert leaf.sharding.device_set == all_devices
+            assert len(leaf.addressable_shards) == devices
+            for shard in leaf.addressable_shards:
+                assert shard.data.shape == leaf.shape
+
+    def check_sharded(batch, rows):
+        for k, v in batch.items():
+            assert v.shape[0] == rows, (k, v.shape)
+            assert v.sharding.spec == P("data"), (k, v.sharding)
+            shards = v.addressable_shards
+            assert len(shards) == devices and {s.device for s in shards} == all_devices
+            starts = sorted(s.index[0].start or 0 for s in shards)
+            assert starts == list(range(0, rows, rows // devices)), (k, starts)
+            assert all(s.data.shape[0] == rows // devices for s in shards)
+
+    state = train.init_state(exp)
+    check_replicated(state)
+    step_fn = train.make_train_step(exp)
+    sharding = parallel.batch_sharded(exp.mesh)
+    keys = exp.batch_keys(train=True)
+    iterator = data_lib.BatchIterator(
+        exp.dataset.splits["train"], config.train.batch_size, seed=config.seed, prefetch=0
+    )
+    losses = []
+    for _ in range(steps):
+        local = next(iterator)
+        batch = parallel.global_batch({k: local[k] for k in keys}, sharding)
+        check_sharded(batch, config.train.batch_size)
+        # The same global batch as a host array: the sharded array holds exactly these rows.
+        np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
+        sums = train.zero_metric_sums(exp, step_fn, state, batch)
+        state, sums = step_fn(state, sums, batch)
+        check_replicated(state)
+        check_replicated(sums)
+        losses.append(float(sums["loss"]))
+
+    # Evaluation: the eval batch of the last global batch is padded (checked below).
+    val = exp.dataset.splits["val"]
+    eval_bs = config.train.eval_batch_size
+    assert len(val) % eval_bs, "the test wants an eval split that needs padding"
+    last = list(data_lib.eval_batches(val, eval_bs))[-1]
+    assert 0 < last["mask"].sum() < eval_bs
+    check_sharded(parallel.global_batch(last, sharding), eval_bs)
+    metrics = {split: train.evaluate(exp, state, split) for split in ("val", "test")}
+    # The same split in batches that need no padding: masking must make them agree.
+    unpadded = next(
+        b for b in range(eval_bs, len(val) + 1) if len(val) % b == 0 and b % devices == 0
+    )
+    exp.config.train.eval_batch_size = unpadded
+    metrics["val_unpadded"] = train.evaluate(exp, state, "val")
+    exp.config.train.eval_batch_size = eval_bs
+
+    np.savez(out + ".npz", **flat_state(state))
+    with open(out + ".json", "w") as f:
+        json.dump({"losses": losses, "metrics": metrics, "device_count": jax.device_count()}, f)
+
+
+def main(argv):
+    command, *args = argv[1:]
+    if command == "train":
+        cmd_train(*args)
+    elif command == "dump":
+        workdir, arg, out = args
+        dump(get_config(arg), workdir, out)
+    elif command == "spmd":
+        arg, steps, devices, out = args
+        cmd_spmd(arg, int(steps), int(devices), out)
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

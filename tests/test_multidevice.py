@@ -1,0 +1,100 @@
+"""SPMD over 8 fake CPU devices gives the same training and evaluation as 1 device.
+
+Each device setting runs in its own process (XLA_FLAGS must be set before JAX starts):
+`tests/_workers.py spmd` runs the trainer's jitted step by hand for a few steps, asserting
+inside the process that there are 8 devices, every batch is sharded over all of them along
+`data` and the train state stays replicated; it then evaluates val and test with an eval
+batch size that needs padding. The model uses BatchNorm, so the 8-device run only matches
+if batch statistics are computed over the global batch, not per device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _workers import cache_env, load_npz
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 5
+# Global batch 32 = 4 rows per device; eval batch 128 over 360 val / 359 test examples, so
+# the last eval batch of each split is padded. (The tiny config's defaults, so the 1-device
+# programs are shared through the compilation cache with the other tests' runs.)
+ARG = "train__batch_size=32,train__eval_batch_size=128,model__norm=batch"
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def runs(pytestconfig, tmp_path_factory):
+    """{devices: (summary, final state)} for 1 and 8 devices, run side by side."""
+    out_dir = tmp_path_factory.mktemp("multidevice")
+    env = {**os.environ, **cache_env(pytestconfig, tmp_path_factory)}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    procs = {}
+    flags = env.pop("XLA_FLAGS", "")
+    for devices in (1, 8):
+        out = str(out_dir / f"devices{devices}")
+        device_env = dict(env)
+        if devices > 1:
+            device_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+        procs[devices] = subprocess.Popen(
+            [sys.executable, "tests/_workers.py", "spmd", ARG, str(STEPS), str(devices), out],
+            cwd=REPO,
+            env=device_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    results = {}
+    for devices, proc in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{devices}-device run failed:\n{log[-5000:]}"
+        out = str(out_dir / f"devices{devices}")
+        with open(out + ".json") as f:
+            results[devices] = (json.load(f), load_npz(out + ".npz"))
+    return results
+
+
+def test_runs_used_the_requested_devices(runs):
+    assert runs[1][0]["device_count"] == 1
+    assert runs[8][0]["device_count"] == 8
+
+
+def test_losses_match_per_step(runs):
+    one, eight = runs[1][0]["losses"], runs[8][0]["losses"]
+    assert len(one) == len(eight) == STEPS
+    np.testing.assert_allclose(eight, one, rtol=RTOL, atol=ATOL)
+    assert one[-1] < one[0]  # it trains
+
+
+def test_final_state_matches(runs):
+    one, eight = runs[1][1], runs[8][1]
+    assert sorted(one) == sorted(eight)
+    assert int(one[".step"]) == int(eight[".step"]) == STEPS
+    assert any("batch_stats" in k for k in one), "the test wants a BatchNorm model"
+    for k in one:
+        np.testing.assert_allclose(eight[k], one[k], rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+def test_eval_metrics_match(runs):
+    one, eight = runs[1][0]["metrics"], runs[8][0]["metrics"]
+    assert one.keys() == eight.keys() == {"val", "test", "val_unpadded"}
+    for split in one:
+        for task, per_exit in one[split].items():
+            for name, metrics in per_exit.items():
+                for k, v in metrics.items():
+                    got = eight[split][task][name][k]
+                    assert np.isclose(got, v, rtol=RTOL, atol=ATOL), (split, task, name, k, got, v)
+
+
+def test_eval_padding_is_masked(runs):
+    """Padded eval batches give the metrics of batches that need no padding."""
+    for devices in (1, 8):
+        metrics = runs[devices][0]["metrics"]
+        for task, per_exit in metrics["val"].items():
+            for name, m in per_exit.items():
+                for k, v in m.items():
+                    want = metrics["val_unpadded"][task][name][k]
+                    assert np.isclose(v, want, rtol=RTOL, atol=ATOL), (devices, task, name, k)
