@@ -8,6 +8,17 @@ input pipeline is measured separately as `data_ms_per_batch`). Peak memory is th
 device's `peak_bytes_in_use` where the backend reports it (GPU/TPU), else XLA's
 compiled memory analysis (arguments + outputs + temporaries) plus the process's peak
 resident set size.
+
+Every MTL strategy on one multi-task config, as train-step time and ratio to EW:
+
+`python -m hisd_jax.bench --config configs/mtl_multidigits.py --strategies all`
+
+`all` is every loss weighting, every per-task-gradient method in parameter space and
+every one in representation space (or give a list: `--strategies ew,pcgrad,pcgrad@rep`).
+All steps are compiled first; then `--rounds` rounds each time `--steps` steps of every
+strategy, visiting them in a rotated order, so load from other processes spreads over all
+of them. Reported: the median step time over rounds and the median over rounds of the
+per-round ratio to EW. One `BENCH ` JSON line per strategy follows the table.
 """
 
 import json
@@ -16,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,6 +38,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 50, "Timed steps.")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+flags.DEFINE_string(
+    "strategies", "", "'all' or comma-separated name[@space]: time every MTL strategy vs EW."
+)
+flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps steps each.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -53,8 +67,7 @@ def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
     iterator.close()
     batches = [parallel.global_batch({k: b[k] for k in keys}, sharding) for b in host]
 
-    shapes = jax.eval_shape(step_fn, state, {}, batches[0])[1]
-    sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    sums = train.zero_metric_sums(exp, step_fn, state, batches[0])
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, sums, batches[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -90,6 +103,122 @@ def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
     }
 
 
+def strategy_tokens(spec: str) -> list[str]:
+    """'all' -> every loss weighting, then every gradient method in param and in rep space."""
+    from hisd_jax.mtl.strategy import GRADIENT_METHODS, LOSS_WEIGHTINGS  # noqa: PLC0415
+
+    if spec == "all":
+        return [
+            *LOSS_WEIGHTINGS,
+            *(f"{m}@param" for m in GRADIENT_METHODS),
+            *(f"{m}@rep" for m in GRADIENT_METHODS),
+        ]
+    return [t for t in spec.split(",") if t]
+
+
+def benchmark_strategies(
+    config, strategies, steps: int = 20, rounds: int = 5, warmup: int = 3
+) -> list[dict]:
+    """Train-step time of each strategy (tokens name[@space]) on `config`, and ratio to EW.
+
+    `static` gets equal weights. EW is added when missing (it is the reference).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from hisd_jax import train  # noqa: PLC0415
+    from hisd_jax.mtl import tasks as tasks_lib  # noqa: PLC0415
+
+    parsed = [tasks_lib.parse_method(t, "param") for t in strategies]
+    if ("ew", "param") not in parsed:
+        parsed.insert(0, ("ew", "param"))
+    parsed = list(dict.fromkeys(parsed))
+    num_tasks = len(config.data.tasks)
+    entries = []
+    for name, space in parsed:
+        hparams = {"weights": (1.0,) * num_tasks} if name == "static" else {}
+        cfg = tasks_lib.method_config(config, name, space, hparams=hparams)
+        exp = train.build_experiment(cfg)
+        entries.append(
+            {"name": name, "space": space, "exp": exp, "label": tasks_lib.method_label(name, space)}
+        )
+
+    exp0 = entries[0]["exp"]
+    iterator = data_lib.BatchIterator(
+        exp0.dataset.splits["train"],
+        config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    keys = exp0.batch_keys(train=True)
+    sharding = parallel.batch_sharded(exp0.mesh)
+    batches = [
+        parallel.global_batch({k: b[k] for k in keys}, sharding)
+        for b in (next(iterator) for _ in range(steps))
+    ]
+    iterator.close()
+
+    for e in entries:
+        state = train.init_state(e["exp"])
+        step_fn = train.make_train_step(e["exp"])
+        sums = train.zero_metric_sums(e["exp"], step_fn, state, batches[0])
+        t0 = time.perf_counter()
+        e["step"] = step_fn.lower(state, sums, batches[0]).compile()
+        e["compile_s"] = time.perf_counter() - t0
+        for b in batches[:warmup]:
+            state, sums = e["step"](state, sums, b)
+        jax.block_until_ready(sums)
+        e["state"], e["sums"], e["ms"] = state, sums, []
+        print(f"compiled {e['label']} in {e['compile_s']:.1f}s", file=sys.stderr)
+
+    for r in range(rounds):
+        shift = r % len(entries)
+        for e in entries[shift:] + entries[:shift]:
+            state, sums = e["state"], e["sums"]
+            t0 = time.perf_counter()
+            for b in batches:
+                state, sums = e["step"](state, sums, b)
+            jax.block_until_ready(sums)
+            e["ms"].append(1e3 * (time.perf_counter() - t0) / len(batches))
+            e["state"], e["sums"] = state, sums
+
+    reference = np.asarray(entries[0]["ms"])
+    out = []
+    for e in entries:
+        ms = np.asarray(e["ms"])
+        kind = "loss weighting" if e["exp"].strategy.weighting is not None else "gradients"
+        out.append(
+            {
+                "strategy": e["label"],
+                "method": e["name"],
+                "space": e["space"] if kind == "gradients" else None,
+                "kind": kind,
+                "tasks": num_tasks,
+                "batch_size": config.train.batch_size,
+                "backend": jax.default_backend(),
+                "devices": jax.device_count(),
+                "step_ms": float(np.median(ms)),
+                "step_ms_min": float(ms.min()),
+                "ratio_to_ew": float(np.median(ms / reference)),
+                "compile_s": e["compile_s"],
+                "rounds": rounds,
+                "steps_per_round": len(batches),
+            }
+        )
+    return out
+
+
+def strategies_table(results: list[dict]) -> str:
+    header = "| strategy | kind | space | step ms (median) | step ms (min) | x EW |"
+    lines = [header, "|---|---|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r['strategy']} | {r['kind']} | {r['space'] or '-'} | {r['step_ms']:.1f} "
+            f"| {r['step_ms_min']:.1f} | {r['ratio_to_ew']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -107,10 +236,24 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:
-        result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+        if FLAGS.strategies:
+            results = benchmark_strategies(
+                FLAGS.config,
+                strategy_tokens(FLAGS.strategies),
+                FLAGS.steps,
+                FLAGS.rounds,
+                min(FLAGS.warmup, FLAGS.steps),
+            )
+        else:
+            result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.strategies:
+        print(strategies_table(results))
+        for r in results:
+            print("BENCH " + json.dumps(r))
+        return
     print(format_table(result))
     print("BENCH " + json.dumps(result))
 

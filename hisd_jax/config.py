@@ -17,6 +17,7 @@ from hisd_jax.models import BACKBONES, DTYPES, exit_positions
 from hisd_jax.models.backbones import backbone_blocks
 from hisd_jax.models.layers import NORMS, STEMS
 from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES
+from hisd_jax.mtl.tasks import check_metrics_field
 from hisd_jax.objectives.hisd import PRESETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
@@ -74,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mtl.method = "ew"  # how task losses/gradients combine: one of mtl.strategy.STRATEGIES
     c.mtl.space = "param"  # gradient methods: "param" (shared parameters) or "rep" (representation)
     c.mtl.hparams = ml_collections.ConfigDict()  # the method's hyper-parameters
+    # {task: {metric: "higher" | "lower"}} judging each task (Delta_m, sweeps); a task not
+    # named here gets its kind's default: accuracy (higher) or mae (lower). See mtl/tasks.py.
+    c.mtl.metrics = ml_collections.ConfigDict()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"
@@ -217,6 +221,7 @@ def validate(config, num_devices: int | None = None) -> None:
             f"mtl.method={config.mtl.method!r} needs at least 2 tasks in data.tasks; "
             "use a loss weighting (e.g. ew) for one task"
         )
+    check_metrics_field(config.mtl.get("metrics") or {}, tuple(config.data.tasks))
 
     opt = config.optimizer
     _one_of("optimizer.name", opt.name, OPTIMIZERS)

@@ -1,0 +1,228 @@
+"""The tasks of an experiment as the MTL layer sees them: metrics, directions, exits.
+
+A `TaskSpec` joins what the data set says about a task (`data.TaskInfo`: name, kind,
+label field, number of classes) with what the config says: which exits of the shared
+trunk its head reads (`model.task_exits`, default every exit) and which test metrics
+judge it, each with its direction (`mtl.metrics`, default by kind):
+
+  classification: accuracy (higher is better)
+  regression:     mae (lower is better)
+
+`mtl.metrics.<task>` overrides the default with {metric: "higher" | "lower"}, the metrics
+being those `results.json` holds for the task's kind (classification: accuracy, loss, ece;
+regression: mse, mae). A task is judged at its deepest exit (`TaskSpec.eval_exit`), the
+entry `results[split][task][eval_exit][metric]` of `train_and_evaluate`'s results.
+
+`single_task_config` and `method_config` derive the runs of an MTL comparison from one
+experiment config: the single-task baseline of a task (only that task, plain EW, same model,
+objective, optimizer and budget) and the same experiment under another MTL method.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+
+# metric -> higher is better; the metrics results.json holds for each task kind.
+METRIC_DIRECTIONS = {"accuracy": True, "loss": False, "ece": False, "mse": False, "mae": False}
+KIND_METRICS = {"classification": ("accuracy", "loss", "ece"), "regression": ("mse", "mae")}
+DEFAULT_METRICS = {"classification": {"accuracy": True}, "regression": {"mae": False}}
+DIRECTIONS = {"higher": True, "lower": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "classification" | "regression"
+    label_key: str
+    num_classes: int  # 0 for regression
+    exits: tuple[int, ...]  # the exits whose head predicts the task, shallow -> deep
+    metrics: Mapping[str, bool]  # metric -> higher is better (ordered as configured)
+
+    @property
+    def eval_exit(self) -> str:
+        """The exit the task is judged at: its deepest one."""
+        return f"exit{self.exits[-1]}"
+
+
+def _config_error(message: str) -> Exception:
+    from hisd_jax.config import ConfigError  # noqa: PLC0415 (config imports this module)
+
+    return ConfigError(message)
+
+
+def check_metrics_field(metrics, tasks: Sequence[str]) -> None:
+    """Validates `mtl.metrics` without the data set (names and directions only)."""
+    for task, chosen in metrics.items():
+        if task not in tasks:
+            raise _config_error(f"mtl.metrics names {task!r}, which is not in data.tasks")
+        if not hasattr(chosen, "items") or not chosen:
+            raise _config_error(
+                f"mtl.metrics.{task} must map metric names to 'higher' or 'lower', e.g. "
+                "{'accuracy': 'higher'}"
+            )
+        for metric, direction in chosen.items():
+            if metric not in METRIC_DIRECTIONS:
+                raise _config_error(
+                    f"mtl.metrics.{task}.{metric}: unknown metric; one of "
+                    f"{', '.join(METRIC_DIRECTIONS)}"
+                )
+            if direction not in DIRECTIONS:
+                raise _config_error(
+                    f"mtl.metrics.{task}.{metric}={direction!r} is not one of higher, lower"
+                )
+
+
+def _task_exits(config, task: str) -> tuple[int, ...]:
+    from hisd_jax.config import num_exits  # noqa: PLC0415
+
+    n = num_exits(config)
+    chosen = config.model.task_exits.get(task)
+    return tuple(range(n)) if chosen is None else tuple(e for e in chosen if e < n)
+
+
+def task_specs(config, dataset_tasks: Mapping) -> list[TaskSpec]:
+    """The TaskSpec of every task in `config.data.tasks`, in order.
+
+    `dataset_tasks` is the data set's {name: TaskInfo} (`Dataset.tasks`).
+    """
+    overrides = config.mtl.get("metrics") or {}
+    check_metrics_field(overrides, tuple(config.data.tasks))
+    specs = []
+    for name in config.data.tasks:
+        if name not in dataset_tasks:
+            raise _config_error(f"data.tasks: {name!r} is not one of {', '.join(dataset_tasks)}")
+        info = dataset_tasks[name]
+        if name in overrides:
+            metrics = {m: DIRECTIONS[d] for m, d in overrides[name].items()}
+            wrong = [m for m in metrics if m not in KIND_METRICS[info.kind]]
+            if wrong:
+                raise _config_error(
+                    f"mtl.metrics.{name}.{wrong[0]}: task {name!r} is {info.kind}; its metrics "
+                    f"are {', '.join(KIND_METRICS[info.kind])}"
+                )
+        else:
+            metrics = dict(DEFAULT_METRICS[info.kind])
+        specs.append(
+            TaskSpec(
+                name,
+                info.kind,
+                info.label_key,
+                info.num_classes,
+                _task_exits(config, name),
+                metrics,
+            )
+        )
+    return specs
+
+
+def directions(specs: Sequence[TaskSpec]) -> dict[str, dict[str, bool]]:
+    """{task: {metric: higher is better}}, the form `delta_m.delta_m` takes."""
+    return {s.name: dict(s.metrics) for s in specs}
+
+
+def task_metrics(results: Mapping, specs: Sequence[TaskSpec], split: str = "test") -> dict:
+    """{task: {metric: value}} of each spec's metrics at its evaluated exit.
+
+    Tasks of `specs` that `results` does not hold are left out (a single-task run holds one).
+    """
+    out = {}
+    for s in specs:
+        if s.name not in results[split]:
+            continue
+        per_exit = results[split][s.name]
+        if s.eval_exit not in per_exit:
+            raise ValueError(
+                f"results hold task {s.name!r} at exits {', '.join(per_exit)}, not at "
+                f"{s.eval_exit}: the runs do not share model.task_exits"
+            )
+        out[s.name] = {m: float(per_exit[s.eval_exit][m]) for m in s.metrics}
+    return out
+
+
+def _replace(config, updates: dict):
+    """A copy of `config` with top-level-dotted fields replaced (sections may be new dicts)."""
+    config = copy.deepcopy(config)
+    config.unlock()
+    for dotted, value in updates.items():
+        section, _, field = dotted.rpartition(".")
+        target = config
+        for key in section.split(".") if section else ():
+            target = target[key]
+        if isinstance(value, dict):
+            value = ml_collections.ConfigDict(value)
+        target[field] = value
+    config.lock()
+    return config
+
+
+def single_task_config(config, task: str, seed: int | None = None, name: str | None = None):
+    """The single-task baseline of `task`: only that task, EW, everything else unchanged."""
+    if task not in config.data.tasks:
+        raise _config_error(
+            f"single={task!r} is not one of the experiment's tasks {', '.join(config.data.tasks)}"
+        )
+    updates = {
+        "name": name or f"{config.name}_single_{task}",
+        "data.tasks": (task,),
+        "model.task_exits": {k: v for k, v in config.model.task_exits.items() if k == task},
+        "mtl.method": "ew",
+        "mtl.space": "param",
+        "mtl.hparams": {},
+        "mtl.metrics": {k: v for k, v in (config.mtl.get("metrics") or {}).items() if k == task},
+    }
+    if seed is not None:
+        updates["seed"] = seed
+    return _replace(config, updates)
+
+
+def method_config(
+    config,
+    method: str,
+    space: str | None = None,
+    seed: int | None = None,
+    hparams=None,
+    name: str | None = None,
+):
+    """`config` trained with MTL method `method` (in `space`, default the config's).
+
+    The method's hyper-parameters are `hparams`, else the config's own when it already uses
+    `method`, else the method's defaults.
+    """
+    space = space or config.mtl.space
+    if hparams is None:
+        hparams = config.mtl.hparams.to_dict() if method == config.mtl.method else {}
+    suffix = f"_{space}" if space != "param" else ""
+    updates = {
+        "name": name or f"{config.name}_{method}{suffix}",
+        "mtl.method": method,
+        "mtl.space": space,
+        "mtl.hparams": dict(hparams),
+    }
+    if seed is not None:
+        updates["seed"] = seed
+    return _replace(config, updates)
+
+
+def parse_method(token: str, default_space: str = "param") -> tuple[str, str]:
+    """'pcgrad' -> ('pcgrad', default_space); 'pcgrad@rep' -> ('pcgrad', 'rep').
+
+    Loss weightings have no space; theirs is reported as 'param'.
+    """
+    from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES  # noqa: PLC0415
+
+    name, _, space = token.strip().partition("@")
+    if name not in STRATEGIES:
+        raise _config_error(f"method {token!r}: {name!r} is not one of {', '.join(STRATEGIES)}")
+    space = space or default_space
+    if space not in SPACES:
+        raise _config_error(f"method {token!r}: space {space!r} is not one of {', '.join(SPACES)}")
+    return name, (space if name in GRADIENT_METHODS else "param")
+
+
+def method_label(name: str, space: str) -> str:
+    """'pcgrad' for parameter space (and every loss weighting), 'pcgrad@rep' otherwise."""
+    return name if space == "param" else f"{name}@{space}"

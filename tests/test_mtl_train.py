@@ -1,0 +1,486 @@
+"""MTL strategies inside the trainer, the experiment layer (tasks, configs) and the sweep.
+
+Gradients are checked against independent computations: per-task `jax.grad` of each task's
+loss through the whole model (no trunk/heads split, no vjp+vmap), and for representation
+space an explicit vjp of the trunk with the combined representation gradient.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import threading
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO, tiny_config
+
+from hisd_jax import checkpointing, sweep, train
+from hisd_jax import config as config_lib
+from hisd_jax import data as data_lib
+from hisd_jax.mtl import gradients as grad_lib
+from hisd_jax.mtl import strategy as strategy_lib
+from hisd_jax.mtl import tasks as tasks_lib
+
+TASKS = ("left", "same_parity", "ink")
+
+
+def mtl_config(**overrides):
+    """Three tasks (10-class, binary, regression) of a small MultiDigits on the tiny CNN."""
+    c = tiny_config()
+    c.name = "tiny_mtl"
+    c.data.name = "multidigits"
+    c.data.tasks = TASKS
+    c.data.kwargs = {"num_train": 192, "num_val": 64, "num_test": 64}
+    # Heads at different exits: 'left' everywhere, 'same_parity' on the last two, 'ink' last.
+    c.model.task_exits = {"left": (0, 1, 2), "same_parity": (1, 2), "ink": (2,)}
+    c.train.steps = 16
+    c.train.eval_every = 0
+    c.train.log_every = 4
+    c.train.checkpoint_every = 100
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
+
+
+def small_config(**overrides):
+    """mtl_config on a 2-stage CNN with the final_only objective (cheaper to compile)."""
+    c = mtl_config(**overrides)
+    c.model.stage_sizes = (1, 1)
+    c.model.task_exits = {"left": (0, 1)}
+    c.objective.preset = "final_only"
+    return c
+
+
+def load_config_file(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's identical train steps."""
+    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
+
+    old = {
+        k: getattr(jax.config, k)
+        for k in (
+            "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes",
+        )
+    }
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+# --------------------------------------------------------------------- gradient plumbing
+@pytest.fixture(scope="module")
+def setup(compile_cache):
+    exp = train.build_experiment(mtl_config())
+    state = train.init_state(exp)
+    it = data_lib.BatchIterator(exp.dataset.splits["train"], 32, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in exp.batch_keys(True)}
+    it.close()
+    return exp, state, batch
+
+
+# A GradientMethod whose weights are whatever the strategy state holds (set per call).
+FIXED = grad_lib.GradientMethod(lambda n: {}, lambda gram, losses, state, **_: (state["w"], state))
+
+
+def pieces(exp, state, batch):
+    """The trunk/heads/losses closures, as the trainer's step builds them."""
+    model, objective = exp.model, exp.objective
+
+    def trunk(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        reps, updates = model.apply(
+            variables, batch["image"], train=True, method=model.trunk, mutable=["batch_stats"]
+        )
+        return reps, updates["batch_stats"]
+
+    def heads(params, reps):
+        return model.apply(
+            {"params": params}, reps, project=objective.needs_projection, method=model.apply_heads
+        )
+
+    return trunk, heads, lambda outputs: objective.task_losses(outputs, batch, 0.0)
+
+
+_UPDATES = {}
+
+
+def strategy_update(exp, state, batch, weights, space="param"):
+    """(combined loss, param update) of strategy.value_and_grad with fixed task weights."""
+    if space not in _UPDATES:  # compiled once per space; the weights are an argument
+        strategy = strategy_lib.Strategy("fixed", space, TASKS, method=FIXED)
+        trunk, heads, task_losses = pieces(exp, state, batch)
+
+        @jax.jit
+        def run(params, w):
+            loss, (grads, _), _, _, _ = strategy_lib.value_and_grad(
+                strategy,
+                trunk=trunk,
+                heads=heads,
+                task_losses=task_losses,
+                params=params,
+                strategy_params={},
+                strategy_state={"w": w},
+                step=jnp.zeros((), jnp.int32),
+                rng=jax.random.key(0),
+            )
+            return loss, grads
+
+        _UPDATES[space] = run
+    return _UPDATES[space](state.params, jnp.asarray(weights, jnp.float32))
+
+
+_REFERENCE = {}
+
+
+def reference_grads(exp, state, batch):
+    """{task: d L_task / d params}, each by its own jax.grad through the whole model."""
+    if "grads" not in _REFERENCE:
+
+        def losses(params):
+            outputs, _ = exp.model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                project=exp.objective.needs_projection,
+                mutable=["batch_stats"],
+            )
+            return exp.objective.task_losses(outputs, batch, 0.0)[0]
+
+        @jax.jit
+        def all_grads(params):
+            return {t: jax.grad(lambda p, t=t: losses(p)[t])(params) for t in TASKS}, losses(params)
+
+        _REFERENCE["grads"] = all_grads(state.params)
+    return _REFERENCE["grads"]
+
+
+def owner(path):
+    """The task whose head `out_<task>` holds this leaf (independent of strategy._owner)."""
+    names = [getattr(k, "key", "") for k in path]
+    owners = [t for t in TASKS if f"out_{t}" in names]
+    return owners[0] if owners else None
+
+
+def shared_max(tree):
+    """max |leaf| over the trunk's leaves (top-level keys `segments_*`)."""
+    return max(
+        float(jnp.abs(leaf).max())
+        for k, v in tree.items()
+        if k.startswith("segments_")
+        for leaf in jax.tree.leaves(v)
+    )
+
+
+def expected(per_task, w, *, shared=None):
+    """Shared leaves: sum_t w_t g_t (or `shared`); a task's own head leaves: its gradient."""
+
+    def leaf(path, *gs):
+        t = owner(path)
+        if t is not None:
+            return gs[TASKS.index(t)]
+        if shared is not None:
+            return shared(path)
+        return sum(wi * g for wi, g in zip(w, gs))
+
+    return jax.tree_util.tree_map_with_path(leaf, *[per_task[t] for t in TASKS])
+
+
+def test_per_task_gradients_equal_independent_grads(setup):
+    """(1) vjp+vmap per-task gradients (weights e_t) equal per-task jax.grad; heads own theirs."""
+    exp, state, batch = setup
+    ref, losses = reference_grads(exp, state, batch)
+    heads_seen = {owner(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert heads_seen == {None, *TASKS}
+    for i, t in enumerate(TASKS):
+        onehot = np.eye(len(TASKS))[i]
+        loss, grads = strategy_update(exp, state, batch, onehot)
+        np.testing.assert_allclose(loss, losses[t], rtol=1e-6)
+        chex.assert_trees_all_close(grads, expected(ref, onehot), atol=2e-6, rtol=2e-4)
+        # The shared part is task t's gradient alone, and is not zero.
+        assert shared_max(grads) > 0
+
+
+def test_mean_weights_give_gradient_of_mean_loss(setup):
+    """(2) Fixed weights 1/T: shared update = grad of the mean loss; heads keep their own."""
+    exp, state, batch = setup
+    ref, _ = reference_grads(exp, state, batch)
+    num = len(TASKS)
+    mean_weights, _ = grad_lib.get_gradient_method("mean", num).weights(
+        jnp.eye(num), jnp.ones(num), {}, step=0, rng=None
+    )
+    _, grads = strategy_update(exp, state, batch, mean_weights)
+    chex.assert_trees_all_close(grads, expected(ref, [1 / num] * num), atol=2e-6, rtol=2e-4)
+    # With w = 1 the whole update is the gradient of the summed loss, as the EW loss
+    # weighting computes it in one backward pass.
+    _, ones = strategy_update(exp, state, batch, np.ones(num))
+    total = jax.tree.map(lambda *g: sum(g), *ref.values())
+    chex.assert_trees_all_close(ones, total, atol=2e-6, rtol=2e-4)
+
+
+def test_rep_space_trunk_gradient_is_vjp_of_combined_rep_gradient(setup):
+    """(3) Rep space: trunk grads = vjp_trunk(sum_t w_t dL_t/dz); head leaves as in (1)."""
+    exp, state, batch = setup
+    w = np.array([0.2, 0.5, 0.3], np.float32)
+    _, grads = strategy_update(exp, state, batch, w, space="rep")
+
+    trunk, heads, task_losses = pieces(exp, state, batch)
+
+    @jax.jit
+    def reference(params):
+        reps, trunk_vjp = jax.vjp(lambda p: trunk(p)[0], params)
+        rep_grads = [
+            jax.grad(lambda z, t=t: task_losses(heads(params, z))[0][t])(reps) for t in TASKS
+        ]
+        cotangent = jax.tree.map(lambda *g: sum(wi * gi for wi, gi in zip(w, g)), *rep_grads)
+        (trunk_grads,) = trunk_vjp(cotangent)
+        fixed_reps = jax.lax.stop_gradient(reps)
+        head_grads = {
+            t: jax.grad(lambda p, t=t: task_losses(heads(p, fixed_reps))[0][t])(params)
+            for t in TASKS
+        }
+        return trunk_grads, head_grads
+
+    trunk_grads, head_grads = reference(state.params)
+    want = expected(head_grads, w)
+    for key in grads:  # trunk keys from the vjp, head keys from the weighted head gradients
+        if not key.startswith("heads_"):
+            want[key] = trunk_grads[key]
+    chex.assert_trees_all_close(grads, want, atol=2e-6, rtol=2e-4)
+    assert shared_max(trunk_grads) > 0
+
+
+def with_strategy(exp, state, strategy, tx=None):
+    """The setup experiment and state with another strategy (and optimizer), no re-init."""
+    exp = dataclasses.replace(exp, strategy=strategy, tx=tx or exp.tx)
+    strategy_params, strategy_state = strategy.init()
+    state = state.replace(
+        opt_state=exp.tx.init({"model": state.params, "strategy": strategy_params}),
+        strategy_params=strategy_params,
+        strategy_state=strategy_state,
+    )
+    return exp, jax.tree.map(jnp.copy, state)  # the step donates its input
+
+
+def run_steps(exp, state, batch, n):
+    step = train.make_train_step(exp)
+    sums = train.zero_metric_sums(exp, step, state, batch)
+    for _ in range(n):
+        state, sums = step(state, sums, batch)
+    return state
+
+
+def test_train_step_with_mean_method_is_sgd_on_mean_loss(setup):
+    """(2) The trainer's jitted step: SGD(lr=1) with 'mean' weights moves shared params by the
+    gradient of the mean loss (a task's own head by its own gradient)."""
+    exp, state, batch = setup
+    n = len(TASKS)
+    mean = strategy_lib.Strategy(
+        "mean", "param", TASKS, method=grad_lib.get_gradient_method("mean", n)
+    )
+    exp, state = with_strategy(exp, state, mean, tx=optax.sgd(1.0))
+    ref, _ = reference_grads(*setup)
+    before = jax.device_get(state.params)
+    new = run_steps(exp, state, batch, 1)
+    delta = jax.tree.map(lambda a, b: a - b, before, jax.device_get(new.params))
+    chex.assert_trees_all_close(delta, expected(ref, [1 / n] * n), atol=1e-5, rtol=1e-3)
+
+
+# ------------------------------------------------------------------- state in the trainer
+def test_uw_log_variances_are_trained(setup):
+    """(4) UW's log-variances get gradients through the optimizer and move."""
+    exp, state, batch = setup
+    exp, state = with_strategy(exp, state, strategy_lib.build_strategy("uw", TASKS))
+    np.testing.assert_array_equal(state.strategy_params["log_var"], np.zeros(len(TASKS)))
+    state = run_steps(exp, state, batch, 3)
+    log_var = np.asarray(state.strategy_params["log_var"])
+    assert np.all(np.isfinite(log_var)) and np.all(np.abs(log_var) > 1e-4), log_var
+    assert int(state.bad_step) == -1
+
+
+def _final_state(exp, workdir):
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
+    template = train.init_state(exp)
+    shardings = jax.tree.map(lambda x: x.sharding, template)
+    state, _, _ = ckpt.restore(checkpointing.abstract_like(template, shardings))
+    ckpt.close()
+    return jax.device_get(state)
+
+
+@pytest.mark.parametrize("method", ["dwa", "gradvac"])
+def test_strategy_state_resumes_exactly(method, tmp_path, monkeypatch, compile_cache):
+    """(4) N steps in one go == N/2 steps, preemption (SIGTERM), resume: same state, bitwise."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the trainer handles SIGTERM only in the main thread")
+    # DWA: 192 examples / batch 32 = 6 steps per epoch, so 16 steps see 2 finished epochs.
+    config = small_config(mtl__method=method)
+    steps = config.train.steps
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    real = train.make_train_step
+
+    def preempting(exp):
+        step_fn, calls = real(exp), [0]
+
+        def wrapped(state, sums, batch):
+            calls[0] += bool(sums)  # sums == {}: jax.eval_shape asking for the metrics' shapes
+            if calls[0] == steps // 2 and sums:
+                os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves, then exits 143
+            return step_fn(state, sums, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", preempting)
+    with pytest.raises(SystemExit) as info:
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert info.value.code == 143
+    monkeypatch.setattr(train, "make_train_step", real)
+    results = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert results["train"]["resumed_from"] == steps // 2
+
+    exp = train.build_experiment(config)
+    a, b = _final_state(exp, tmp_path / "straight"), _final_state(exp, tmp_path / "resumed")
+    assert int(a.step) == int(b.step) == steps
+    chex.assert_trees_all_equal(a.strategy_state, b.strategy_state)
+    chex.assert_trees_all_equal(a.params, b.params)
+    chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+    leaves = jax.tree.leaves(a.strategy_state)
+    if method == "dwa":
+        assert int(a.strategy_state["epochs_done"]) == 2
+        assert not np.allclose(a.strategy_state["history"], 1.0)
+    else:
+        assert np.abs(a.strategy_state["targets"]).max() > 0
+    assert leaves
+
+
+# ------------------------------------------------------------------ tasks and configs
+def test_task_specs_metrics_and_validation():
+    config = mtl_config()
+    dataset_tasks = data_lib.get_dataset("multidigits", **config.data.kwargs).tasks
+    specs = {s.name: s for s in tasks_lib.task_specs(config, dataset_tasks)}
+    assert specs["left"].metrics == {"accuracy": True}
+    assert specs["ink"].metrics == {"mae": False}
+    assert specs["same_parity"].exits == (1, 2) and specs["same_parity"].eval_exit == "exit2"
+    assert specs["left"].num_classes == 10 and specs["ink"].kind == "regression"
+
+    config.mtl.metrics = {"ink": {"mse": "lower", "mae": "lower"}}
+    config_lib.validate(config)
+    assert tasks_lib.task_specs(config, dataset_tasks)[2].metrics == {"mse": False, "mae": False}
+    for bad, field in [
+        ({"ink": {"mae": "down"}}, "mtl.metrics.ink.mae"),
+        ({"ink": {"f1": "higher"}}, "mtl.metrics.ink.f1"),
+        ({"sum": {"accuracy": "higher"}}, "mtl.metrics"),
+    ]:
+        config.mtl.metrics = bad
+        with pytest.raises(config_lib.ConfigError, match=field):
+            config_lib.validate(config)
+    config.mtl.metrics = {"ink": {"accuracy": "higher"}}  # valid name, wrong kind
+    with pytest.raises(config_lib.ConfigError, match="regression"):
+        tasks_lib.task_specs(config, dataset_tasks)
+
+
+def test_mtl_config_files_validate():
+    config = load_config_file("mtl_multidigits.py")
+    config_lib.validate(config)
+    assert config.data.tasks == ("left", "right", "sum", "same_parity", "ink")
+    assert config.objective.preset == "final_only" and config.mtl.method == "ew"
+    assert all(tuple(v) == (3,) for v in config.model.task_exits.values())
+    variant = load_config_file("mtl_multidigits.py", "method=nashmtl,space=rep,seed=2,steps=300")
+    config_lib.validate(variant)
+    assert (variant.mtl.method, variant.mtl.space, variant.seed) == ("nashmtl", "rep", 2)
+    assert variant.train.steps == 300
+    single = load_config_file("mtl_multidigits.py", "single=same_parity")
+    config_lib.validate(single)
+    assert single.data.tasks == ("same_parity",) and single.mtl.method == "ew"
+    assert set(single.model.task_exits) == {"same_parity"}
+    same = ("train", "optimizer", "objective")
+    assert all(single[k].to_dict() == config[k].to_dict() for k in same)
+    assert {k: v for k, v in single.model.items() if k != "task_exits"} == {
+        k: v for k, v in config.model.items() if k != "task_exits"
+    }
+
+    mnist = load_config_file("mtl_multimnist.py")  # validated only: needs TFDS data
+    config_lib.validate(mnist)
+    assert mnist.data.name == "multimnist" and mnist.data.tasks == ("left", "right")
+    config_lib.validate(load_config_file("mtl_multimnist.py", "method=pcgrad,single=left"))
+
+
+# ------------------------------------------------------------------------------ the sweep
+def test_sweep_trains_once_and_needs_baselines(tmp_path, capsys, compile_cache):
+    """(5) 2 methods x 2 seeds on a tiny setup: files, no retraining, missing baseline error."""
+    config = small_config()
+    config.data.tasks = ("left", "ink")
+    config.model.stage_sizes = (1,)  # one stage, one exit
+    config.model.width = 4
+    config.model.task_exits = {}
+    config.train.steps = 8
+    workdir = str(tmp_path / "sweep")
+    out = sweep.sweep(config, workdir, ["ew", "pcgrad@rep"], [0, 1])
+
+    md = open(os.path.join(workdir, "sweep.md")).read()
+    assert out["table"] in md and "Δm%" in md
+    for row in ("single-task", "ew", "pcgrad@rep"):
+        assert f"| {row} |" in out["table"]
+    summary = json.load(open(os.path.join(workdir, "sweep.json")))
+    rows = summary["rows"]
+    assert set(rows) == {"single-task", "ew", "pcgrad@rep"}
+    assert summary["seeds"] == [0, 1] and rows["ew"]["delta_m"]["n"] == 2
+    assert abs(rows["single-task"]["delta_m"]["mean"]) < 1e-9  # baselines vs their own mean
+    # Delta_m of one run, recomputed by hand from the raw numbers.
+    base = summary["baseline"]
+    run = rows["pcgrad@rep"]["seeds"]["1"]["metrics"]
+    by_hand = 50 * (
+        (run["left"]["accuracy"] - base["left"]["accuracy"]) / base["left"]["accuracy"]
+        - (run["ink"]["mae"] - base["ink"]["mae"]) / base["ink"]["mae"]
+    )
+    assert rows["pcgrad@rep"]["seeds"]["1"]["delta_m"] == pytest.approx(by_hand, rel=1e-9)
+    results = os.path.join(workdir, "pcgrad_rep", "seed1", "results.json")
+    assert json.load(open(results))["name"].endswith(":pcgrad@rep:seed1")
+    assert os.path.exists(os.path.join(workdir, "single", "ink", "seed0", "results.json"))
+
+    # A second call trains nothing: every results.json keeps its mtime.
+    paths = [
+        os.path.join(d, "results.json")
+        for d, _, files in os.walk(workdir)
+        if "results.json" in files
+    ]
+    assert len(paths) == 8  # 2 tasks x 2 seeds + 2 methods x 2 seeds
+    mtimes = {p: os.stat(p).st_mtime_ns for p in paths}
+    capsys.readouterr()
+    again = sweep.sweep(config, workdir, ["ew", "pcgrad@rep"], [0, 1])
+    assert "training" not in capsys.readouterr().err
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == mtimes
+    assert again["summary"]["rows"]["ew"]["delta_m"] == rows["ew"]["delta_m"]
+
+    # A missing baseline is an error, not a silent fallback.
+    os.remove(os.path.join(workdir, "single", "ink", "seed1", "results.json"))
+    with pytest.raises(sweep.SweepError, match=r"baseline of task 'ink' with seed 1"):
+        sweep.sweep(config, workdir, ["ew", "pcgrad@rep"], [0, 1], train=False)
+    # A method missing its hyper-parameters fails before anything trains.
+    with pytest.raises(config_lib.ConfigError, match="static"):
+        sweep.sweep(config, str(tmp_path / "other"), ["static"], [0])
+    assert not os.path.exists(tmp_path / "other" / "single")
+    # A finished run is not reused under another config.
+    config.train.steps = 9
+    with pytest.raises(config_lib.ConfigError, match="train.steps"):
+        sweep.sweep(config, workdir, ["ew"], [0], train=False)
