@@ -220,15 +220,20 @@ def make_train_step(exp: Experiment):
     )
 
 
-def zero_metric_sums(exp: Experiment, train_step, state, batch) -> dict:
-    """Zeros shaped like the step's metrics, replicated like the step's outputs.
+def metric_sums_zeros_fn(exp: Experiment, train_step, state, batch):
+    """A jitted () -> zeros shaped like the step's metrics, replicated like its outputs.
 
     Matching the output sharding matters: uncommitted inputs would make the second
-    call of the step compile again.
+    call of the step compile again. Build it once and call it after every log step.
     """
     shapes = jax.eval_shape(train_step, state, {}, batch)[1]
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
-    return jax.jit(zeros, out_shardings=parallel.replicated(exp.mesh))()
+    return jax.jit(zeros, out_shardings=parallel.replicated(exp.mesh))
+
+
+def zero_metric_sums(exp: Experiment, train_step, state, batch) -> dict:
+    """Zero metric sums for `train_step` (see `metric_sums_zeros_fn`)."""
+    return metric_sums_zeros_fn(exp, train_step, state, batch)()
 
 
 def make_eval_step(exp: Experiment):
@@ -399,13 +404,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "Lower optimizer.lr, set optimizer.grad_clip, or check the data."
             )
 
-    t_start, sums, n_sums = time.perf_counter(), None, 0
+    t_start, sums, n_sums, zeros_fn = time.perf_counter(), None, 0, None
     with _Preemption() as preemption:
         for step in range(start + 1, total + 1):
             local = next(iterator)
             batch = parallel.global_batch({k: local[k] for k in keys}, sharding)
             if sums is None:
-                sums = zero_metric_sums(exp, train_step, state, batch)
+                zeros_fn = zeros_fn or metric_sums_zeros_fn(exp, train_step, state, batch)
+                sums = zeros_fn()
             state, sums = train_step(state, sums, batch)
             n_sums += 1
             if step % cfg.log_every == 0 or step == total:

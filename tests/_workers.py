@@ -65,7 +65,8 @@ def cache_env(pytestconfig, tmp_path_factory) -> dict:
 
 
 def flat_state(state) -> dict:
-    """{'params/...': np.ndarray} for every leaf of the train state (this process's copy)."""
+    """{".params['conv']['kernel']": np.ndarray, ...}: every leaf of the train state, as held
+    by this process (the state is replicated)."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -178,7 +179,7 @@ def cmd_spmd(arg, steps, devices, out) -> None:
         check_replicated(sums)
         losses.append(float(sums["loss"]))
 
-    # Evaluation: the eval batch of the last global batch is padded (checked below).
+    # Evaluation, with an eval batch size that leaves the last batch padded.
     val = exp.dataset.splits["val"]
     eval_bs = config.train.eval_batch_size
     assert len(val) % eval_bs, "the test wants an eval split that needs padding"

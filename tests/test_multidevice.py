@@ -39,19 +39,26 @@ def runs(pytestconfig, tmp_path_factory):
         device_env = dict(env)
         if devices > 1:
             device_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
-        procs[devices] = subprocess.Popen(
-            [sys.executable, "tests/_workers.py", "spmd", ARG, str(STEPS), str(devices), out],
-            cwd=REPO,
-            env=device_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with open(out + ".log", "w") as log:  # a file: an unread pipe could fill up
+            procs[devices] = subprocess.Popen(
+                [sys.executable, "tests/_workers.py", "spmd", ARG, str(STEPS), str(devices), out],
+                cwd=REPO,
+                env=device_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     results = {}
     for devices, proc in procs.items():
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{devices}-device run failed:\n{log[-5000:]}"
         out = str(out_dir / f"devices{devices}")
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        with open(out + ".log") as f:
+            log = f.read()
+        assert code == 0, f"{devices}-device run failed:\n{log[-5000:]}"
         with open(out + ".json") as f:
             results[devices] = (json.load(f), load_npz(out + ".npz"))
     return results

@@ -62,7 +62,7 @@ def checkpoint_steps(workdir):
 
 
 def run_until_checkpoint(workdir, arg, env, min_step, sig):
-    """Starts a run, sends `sig` once a checkpoint at step >= min_step exists, returns (code, log)."""
+    """Starts a run, sends `sig` once a checkpoint at step >= min_step exists; (code, log)."""
     proc = start(workdir, arg, env)
     deadline = time.monotonic() + TIMEOUT
     while not any(s >= min_step for s in checkpoint_steps(workdir)):
