@@ -25,10 +25,11 @@ Every method and baseline over 3 seeds, with Delta_m% (hisd_jax/sweep.py):
   python -m hisd_jax.sweep --config configs/mtl_multidigits.py --seeds 0,1,2 \\
       --methods ew,uw,dwa,rlw,gls,mgda,pcgrad,gradvac,cagrad,imtlg,gradnorm,nashmtl \\
       --workdir runs/mtl_sweep
-Expected: EW's train step takes ~34-50 ms on 2 CPU cores shared with other jobs (so a
-1000-step run is ~40 s on free cores, 60-110 s measured on shared ones, compilation and
-evaluation included); param-space gradient methods take ~4.3x EW's step time, rep-space
-ones ~1.2-1.5x (`python -m hisd_jax.bench --config configs/mtl_multidigits.py --strategies all`).
+Expected: on 2 free CPU cores an EW run takes ~50 s (33 ms per train step, 42 s for the
+1000-step loop, plus start-up, compilation and evaluation; 2-3x longer on shared cores);
+param-space gradient methods take ~4.1x EW's step time, rep-space ones ~1.3x
+(`python -m hisd_jax.bench --config configs/mtl_multidigits.py --strategies all`).
+--config.model.width=12 is ~25% faster (34 s loop) and a few points less accurate.
 Measured at 1000 steps, seed 0 (test accuracy %, ink MAE):
   single-task  left 94.1  right 94.6  sum 66.7  same_parity 85.0  ink 0.032
   ew           left 93.1  right 93.5  sum 85.1  same_parity 94.2  ink 0.129  (Delta_m -54.7%)

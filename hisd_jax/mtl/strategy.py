@@ -143,7 +143,9 @@ def value_and_grad(
                 return vec, (metrics, aux)
 
             vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
-            (per_task,) = jax.vmap(vjp)(eye)
+            # One backward pass per task, stacked: on XLA:CPU this is ~1.5x faster than
+            # jax.vmap(vjp), whose batched convolution gradients are slow.
+            per_task = jax.tree.map(lambda *g: jnp.stack(g), *(vjp(row)[0] for row in eye))
             gram = grad_lib.gram_matrix(_shared_leaves(per_task, tasks))
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
             param_grads = _weighted_update(w, per_task, tasks)
