@@ -5,9 +5,9 @@ Two kinds of strategy (see weighting.py and gradients.py):
     total; learnable weights (UW) live in `strategy_params` and are optimised with the
     model;
   * per-task-gradient methods (MGDA, PCGrad, GradVac, CAGrad, IMTL-G, GradNorm,
-    Nash-MTL): the per-task gradients come from ONE forward pass and a vmapped
-    backward pass over the task-loss vector (`jax.vjp` + `jax.vmap` over the identity
-    cotangents), the method reads their Gram matrix and returns task weights w.
+    Nash-MTL): the per-task gradients come from ONE forward pass (`jax.vjp` of the
+    task-loss vector) and one backward pass per identity cotangent, all in the same
+    jitted step; the method reads their Gram matrix and returns task weights w.
     - space="param": gradients of the shared parameters; the update is sum_t w_t g_t
       on shared leaves, while a task's own head (leaves under `out_<task>`) gets its
       own gradient, unweighted (as LibMTL does).
