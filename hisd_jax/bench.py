@@ -45,13 +45,9 @@ flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps st
 flags.mark_flags_as_required(["config"])
 
 
-def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
-    """Measures the train step of `config`; returns a flat dict of numbers."""
-    from hisd_jax import train  # noqa: PLC0415
-
-    exp = train.build_experiment(config)
-    state = train.init_state(exp)
-    step_fn = train.make_train_step(exp)
+def device_batches(exp, n: int):
+    """The first `n` training batches as sharded device arrays, and host ms per batch."""
+    config = exp.config
     iterator = data_lib.BatchIterator(
         exp.dataset.splits["train"],
         config.train.batch_size,
@@ -62,10 +58,20 @@ def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
     keys = exp.batch_keys(train=True)
     sharding = parallel.batch_sharded(exp.mesh)
     t0 = time.perf_counter()
-    host = [next(iterator) for _ in range(warmup + steps)]
-    data_ms = 1e3 * (time.perf_counter() - t0) / len(host)
+    host = [next(iterator) for _ in range(n)]
+    data_ms = 1e3 * (time.perf_counter() - t0) / n
     iterator.close()
-    batches = [parallel.global_batch({k: b[k] for k in keys}, sharding) for b in host]
+    return [parallel.global_batch({k: b[k] for k in keys}, sharding) for b in host], data_ms
+
+
+def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
+    """Measures the train step of `config`; returns a flat dict of numbers."""
+    from hisd_jax import train  # noqa: PLC0415
+
+    exp = train.build_experiment(config)
+    state = train.init_state(exp)
+    step_fn = train.make_train_step(exp)
+    batches, data_ms = device_batches(exp, warmup + steps)
 
     sums = train.zero_metric_sums(exp, step_fn, state, batches[0])
     t0 = time.perf_counter()
@@ -143,20 +149,7 @@ def benchmark_strategies(
         )
 
     exp0 = entries[0]["exp"]
-    iterator = data_lib.BatchIterator(
-        exp0.dataset.splits["train"],
-        config.train.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    keys = exp0.batch_keys(train=True)
-    sharding = parallel.batch_sharded(exp0.mesh)
-    batches = [
-        parallel.global_batch({k: b[k] for k in keys}, sharding)
-        for b in (next(iterator) for _ in range(steps))
-    ]
-    iterator.close()
+    batches, _ = device_batches(exp0, steps)
 
     for e in entries:
         state = train.init_state(e["exp"])
