@@ -100,6 +100,19 @@ class ConvBlock(nn.Module):
         return nn.relu(make_norm(self.norm, train, self.dtype, "norm")(x))
 
 
+def _shortcut(block, x, y, stride: int, train: bool):
+    """The residual branch's input: identity, or a strided 1x1 projection when shapes differ.
+
+    Called inside `block`'s compact `__call__`, so the layers are named in that block.
+    """
+    if x.shape == y.shape:
+        return x
+    x = nn.Conv(
+        y.shape[-1], (1, 1), (stride, stride), use_bias=False, dtype=block.dtype, name="proj"
+    )(x)
+    return make_norm(block.norm, train, block.dtype, "proj_norm")(x)
+
+
 class BasicBlock(nn.Module):
     """ResNet-18/34 block: two 3x3 convs, projection shortcut when the shape changes."""
 
@@ -114,10 +127,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(make_norm(self.norm, train, self.dtype, "norm1")(y))
         y = nn.Conv(f, (3, 3), use_bias=False, dtype=self.dtype, name="conv2")(y)
         y = make_norm(self.norm, train, self.dtype, "norm2", zero_init=True)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(f, (1, 1), (s, s), use_bias=False, dtype=self.dtype, name="proj")(x)
-            x = make_norm(self.norm, train, self.dtype, "proj_norm")(x)
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(self, x, y, s, train) + y)
 
 
 class Bottleneck(nn.Module):
@@ -136,10 +146,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(make_norm(self.norm, train, self.dtype, "norm2")(y))
         y = nn.Conv(4 * f, (1, 1), use_bias=False, dtype=self.dtype, name="conv3")(y)
         y = make_norm(self.norm, train, self.dtype, "norm3", zero_init=True)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(4 * f, (1, 1), (s, s), use_bias=False, dtype=self.dtype, name="proj")(x)
-            x = make_norm(self.norm, train, self.dtype, "proj_norm")(x)
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(self, x, y, s, train) + y)
 
 
 BLOCKS = {"conv": ConvBlock, "basic": BasicBlock, "bottleneck": Bottleneck}
