@@ -15,6 +15,8 @@ Every MTL strategy on one multi-task config, as train-step time and ratio to EW:
 
 `all` is every loss weighting, every per-task-gradient method in parameter space and
 every one in representation space (or give a list: `--strategies ew,pcgrad,pcgrad@rep`).
+A `:unroll` or `:vmap` suffix picks how a gradient method's per-task backward passes run
+(`mtl.backward`, default the config's): `--strategies mgda@param:unroll,mgda@param:vmap`.
 All steps are compiled first; then `--rounds` rounds each time `--steps` steps of every
 strategy, visiting them in a rotated order, so load from other processes spreads over all
 of them. Reported: the median step time over rounds and the median over rounds of the
@@ -35,14 +37,21 @@ from hisd_jax import data as data_lib
 from hisd_jax import parallel
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_integer("steps", 50, "Timed steps.")
-flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.DEFINE_string(
-    "strategies", "", "'all' or comma-separated name[@space]: time every MTL strategy vs EW."
-)
-flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps steps each.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so the module imports
+    cleanly next to other entry points)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_integer("steps", 50, "Timed steps.")
+    flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+    flags.DEFINE_string(
+        "strategies",
+        "",
+        "'all' or comma-separated name[@space][:backward]: time every MTL strategy vs EW.",
+    )
+    flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps steps each.")
+    flags.mark_flags_as_required(["config"])
 
 
 def device_batches(exp, n: int):
@@ -134,19 +143,26 @@ def benchmark_strategies(
     from hisd_jax import train  # noqa: PLC0415
     from hisd_jax.mtl import tasks as tasks_lib  # noqa: PLC0415
 
-    parsed = [tasks_lib.parse_method(t, "param") for t in strategies]
-    if ("ew", "param") not in parsed:
-        parsed.insert(0, ("ew", "param"))
+    parsed = []
+    for token in strategies:
+        method, _, backward = token.partition(":")
+        parsed.append((*tasks_lib.parse_method(method, "param"), backward or config.mtl.backward))
+    reference = ("ew", "param", config.mtl.backward)
+    if reference not in parsed:
+        parsed.insert(0, reference)
     parsed = list(dict.fromkeys(parsed))
     num_tasks = len(config.data.tasks)
     entries = []
-    for name, space in parsed:
+    for name, space, backward in parsed:
         hparams = {"weights": (1.0,) * num_tasks} if name == "static" else {}
         cfg = tasks_lib.method_config(config, name, space, hparams=hparams)
+        with cfg.unlocked():
+            cfg.mtl.backward = backward
         exp = train.build_experiment(cfg)
-        entries.append(
-            {"name": name, "space": space, "exp": exp, "label": tasks_lib.method_label(name, space)}
-        )
+        label = tasks_lib.method_label(name, space)
+        if exp.strategy.per_task_gradients and backward != "auto":
+            label += f":{backward}"
+        entries.append({"name": name, "space": space, "exp": exp, "label": label})
 
     exp0 = entries[0]["exp"]
     batches, _ = device_batches(exp0, steps)
@@ -185,6 +201,7 @@ def benchmark_strategies(
                 "strategy": e["label"],
                 "method": e["name"],
                 "space": e["space"] if kind == "gradients" else None,
+                "backward": e["exp"].strategy.backward if kind == "gradients" else None,
                 "kind": kind,
                 "tasks": num_tasks,
                 "batch_size": config.train.batch_size,
@@ -252,4 +269,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,7 +16,7 @@ from hisd_jax.data import DATASETS
 from hisd_jax.models import BACKBONES, DTYPES, exit_positions
 from hisd_jax.models.backbones import backbone_blocks
 from hisd_jax.models.layers import NORMS, STEMS
-from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES
+from hisd_jax.mtl.strategy import BACKWARDS, GRADIENT_METHODS, SPACES, STRATEGIES
 from hisd_jax.mtl.tasks import check_metrics_field
 from hisd_jax.objectives.hisd import PRESETS
 
@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "train.progress",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "mtl.backward",  # how the per-task backward passes are batched: same gradients
 )
 
 
@@ -74,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mtl = ml_collections.ConfigDict()
     c.mtl.method = "ew"  # how task losses/gradients combine: one of mtl.strategy.STRATEGIES
     c.mtl.space = "param"  # gradient methods: "param" (shared parameters) or "rep" (representation)
+    # per-task backward passes of gradient methods: "auto", "unroll" or "vmap" (speed only;
+    # see mtl/strategy.py)
+    c.mtl.backward = "auto"
     c.mtl.hparams = ml_collections.ConfigDict()  # the method's hyper-parameters
     # {task: {metric: "higher" | "lower"}} judging each task (Delta_m, sweeps); a task not
     # named here gets its kind's default: accuracy (higher) or mae (lower). See mtl/tasks.py.
@@ -216,6 +220,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
     _one_of("mtl.method", config.mtl.method, STRATEGIES)
     _one_of("mtl.space", config.mtl.space, SPACES)
+    _one_of("mtl.backward", config.mtl.backward, BACKWARDS)
     if config.mtl.method in GRADIENT_METHODS and len(config.data.tasks) < 2:
         raise ConfigError(
             f"mtl.method={config.mtl.method!r} needs at least 2 tasks in data.tasks; "

@@ -127,7 +127,11 @@ def _check_strategy(config) -> None:
         hparams.setdefault("steps_per_epoch", 1)  # the trainer sets it from the data
     try:
         strategy_lib.build_strategy(
-            config.mtl.method, config.data.tasks, space=config.mtl.space, **hparams
+            config.mtl.method,
+            config.data.tasks,
+            space=config.mtl.space,
+            backward=config.mtl.backward,
+            **hparams,
         )
     except (TypeError, ValueError) as e:
         raise config_lib.ConfigError(

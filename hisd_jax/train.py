@@ -100,7 +100,11 @@ def build_strategy(config, dataset, tasks) -> strategy_lib.Strategy:
         hparams["steps_per_epoch"] = -(-len(dataset.splits["train"]) // config.train.batch_size)
     try:
         return strategy_lib.build_strategy(
-            config.mtl.method, [t.name for t in tasks], space=config.mtl.space, **hparams
+            config.mtl.method,
+            [t.name for t in tasks],
+            space=config.mtl.space,
+            backward=config.mtl.backward,
+            **hparams,
         )
     except (TypeError, ValueError) as e:
         raise config_lib.ConfigError(f"mtl: {e}") from e

@@ -44,6 +44,8 @@ ONE_OF_CASES = [
     ("model.norm", "instance", ("batch", "group", "layer", "none")),
     ("model.stem", "vit", ("cifar", "imagenet", "none")),
     ("model.dtype", "float16", ("float32", "bfloat16")),
+    ("mtl.space", "trunk", ("param", "rep")),
+    ("mtl.backward", "jacrev", ("auto", "unroll", "vmap")),
 ]
 
 

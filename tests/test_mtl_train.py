@@ -127,10 +127,11 @@ def pieces(exp, state, batch):
 _UPDATES = {}
 
 
-def strategy_update(exp, state, batch, weights, space="param"):
+def strategy_update(exp, state, batch, weights, space="param", backward="auto"):
     """(combined loss, param update) of strategy.value_and_grad with fixed task weights."""
-    if space not in _UPDATES:  # compiled once per space; the weights are an argument
-        strategy = strategy_lib.Strategy("fixed", space, TASKS, method=FIXED)
+    key = (space, backward)
+    if key not in _UPDATES:  # compiled once per (space, backward); the weights are an argument
+        strategy = strategy_lib.Strategy("fixed", space, TASKS, method=FIXED, backward=backward)
         trunk, heads, task_losses = pieces(exp, state, batch)
 
         @jax.jit
@@ -148,8 +149,8 @@ def strategy_update(exp, state, batch, weights, space="param"):
             )
             return loss, grads
 
-        _UPDATES[space] = run
-    return _UPDATES[space](state.params, jnp.asarray(weights, jnp.float32))
+        _UPDATES[key] = run
+    return _UPDATES[key](state.params, jnp.asarray(weights, jnp.float32))
 
 
 _REFERENCE = {}
@@ -208,15 +209,17 @@ def expected(per_task, w, *, shared=None):
     return jax.tree_util.tree_map_with_path(leaf, *[per_task[t] for t in TASKS])
 
 
-def test_per_task_gradients_equal_independent_grads(setup):
-    """(1) vjp+vmap per-task gradients (weights e_t) equal per-task jax.grad; heads own theirs."""
+@pytest.mark.parametrize("backward", ["unroll", "vmap"])
+def test_per_task_gradients_equal_independent_grads(setup, backward):
+    """(1) Per-task gradients of one forward pass (weights e_t) equal per-task jax.grad, with
+    the backward passes unrolled or vmapped; heads own theirs."""
     exp, state, batch = setup
     ref, losses = reference_grads(exp, state, batch)
     heads_seen = {owner(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert heads_seen == {None, *TASKS}
     for i, t in enumerate(TASKS):
         onehot = np.eye(len(TASKS))[i]
-        loss, grads = strategy_update(exp, state, batch, onehot)
+        loss, grads = strategy_update(exp, state, batch, onehot, backward=backward)
         np.testing.assert_allclose(loss, losses[t], rtol=1e-6)
         chex.assert_trees_all_close(grads, expected(ref, onehot), atol=2e-6, rtol=2e-4)
         # The shared part is task t's gradient alone, and is not zero.
@@ -240,11 +243,12 @@ def test_mean_weights_give_gradient_of_mean_loss(setup):
     chex.assert_trees_all_close(ones, total, atol=2e-6, rtol=2e-4)
 
 
-def test_rep_space_trunk_gradient_is_vjp_of_combined_rep_gradient(setup):
+@pytest.mark.parametrize("backward", ["unroll", "vmap"])
+def test_rep_space_trunk_gradient_is_vjp_of_combined_rep_gradient(setup, backward):
     """(3) Rep space: trunk grads = vjp_trunk(sum_t w_t dL_t/dz); head leaves as in (1)."""
     exp, state, batch = setup
     w = np.array([0.2, 0.5, 0.3], np.float32)
-    _, grads = strategy_update(exp, state, batch, w, space="rep")
+    _, grads = strategy_update(exp, state, batch, w, space="rep", backward=backward)
 
     trunk, heads, task_losses = pieces(exp, state, batch)
 
@@ -508,3 +512,22 @@ def test_uw_log_variances_are_trained(tiny_sweep):
         assert np.all(np.abs(log_var) > 1e-4), log_var
         # Adam moved them every step (the combined loss pulls s_t towards log L_t).
         assert int(state.step) == config.train.steps
+
+
+def test_strategy_benchmark_times_each_variant(compile_cache):
+    """The step benchmark times EW (the reference) and each name@space:backward it is given."""
+    from hisd_jax import bench  # noqa: PLC0415
+
+    config = small_config()
+    config.model.stage_sizes = (1,)
+    config.model.task_exits = {}
+    out = bench.benchmark_strategies(config, ["mgda@param:vmap", "mgda@rep"], steps=2, rounds=2)
+    labels = [r["strategy"] for r in out]
+    assert labels == ["ew", "mgda:vmap", "mgda@rep"]
+    assert [r["backward"] for r in out] == [None, "vmap", "auto"]
+    assert all(r["step_ms"] > 0 and r["ratio_to_ew"] > 0 for r in out)
+    assert out[0]["ratio_to_ew"] == 1.0
+    table = bench.strategies_table(out)
+    assert all(f"| {label} |" in table for label in labels)
+    with pytest.raises(config_lib.ConfigError, match="mtl.backward"):
+        bench.benchmark_strategies(config, ["mgda@param:jacrev"], steps=1, rounds=1)

@@ -14,6 +14,13 @@ Two kinds of strategy (see weighting.py and gradients.py):
     - space="rep": gradients with respect to the shared representation (the trunk's
       outputs: MGDA-UB's upper bound), so only the small heads are differentiated T
       times; the trunk is back-propagated once with sum_t w_t dL_t/dz.
+How the T backward passes run (`backward`, config `mtl.backward`; same gradients either way):
+  * "unroll": T vjp calls of the one forward pass, in the same jitted step;
+  * "vmap":   jax.vmap of the vjp over the T one-hot cotangents (one batched backward);
+  * "auto":   unroll in parameter space, vmap in representation space — the faster of the two
+    on XLA:CPU for each (vmap's batched convolution gradients are ~1.5x slower there; the
+    heads' dense gradients batch well). `python -m hisd_jax.bench --strategies all` measures
+    both on your hardware.
 Strategy state (DWA's running losses, GradVac's targets, GradNorm's weights, ...) is a
 pytree in the train state, checkpointed and replicated like the parameters.
 """
@@ -32,6 +39,7 @@ LOSS_WEIGHTINGS = tuple(weighting_lib._WEIGHTINGS)  # noqa: SLF001
 GRADIENT_METHODS = tuple(m for m in grad_lib._METHODS if m not in ("ew", "mean"))  # noqa: SLF001
 STRATEGIES = LOSS_WEIGHTINGS + GRADIENT_METHODS
 SPACES = ("param", "rep")
+BACKWARDS = ("auto", "unroll", "vmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Strategy:
     tasks: tuple[str, ...]
     weighting: weighting_lib.LossWeighting | None = None
     method: grad_lib.GradientMethod | None = None
+    backward: str = "auto"
 
     @property
     def per_task_gradients(self) -> bool:
@@ -53,17 +62,21 @@ class Strategy:
         return {}, self.method.init(len(self.tasks))
 
 
-def build_strategy(name: str, tasks, *, space: str = "param", **hparams) -> Strategy:
+def build_strategy(
+    name: str, tasks, *, space: str = "param", backward: str = "auto", **hparams
+) -> Strategy:
     """The strategy `name` for the task names `tasks`, with its hyper-parameters."""
     tasks = tuple(tasks)
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is not one of {', '.join(SPACES)}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward={backward!r} is not one of {', '.join(BACKWARDS)}")
     if name in LOSS_WEIGHTINGS:
-        return Strategy(
-            name, space, tasks, weighting=weighting_lib.get_weighting(name, len(tasks), **hparams)
-        )
+        weighting = weighting_lib.get_weighting(name, len(tasks), **hparams)
+        return Strategy(name, space, tasks, weighting=weighting, backward=backward)
     if name in GRADIENT_METHODS:
-        return Strategy(
-            name, space, tasks, method=grad_lib.get_gradient_method(name, len(tasks), **hparams)
-        )
+        method = grad_lib.get_gradient_method(name, len(tasks), **hparams)
+        return Strategy(name, space, tasks, method=method, backward=backward)
     raise ValueError(f"mtl.method={name!r} is not one of {', '.join(STRATEGIES)}")
 
 
@@ -90,6 +103,13 @@ def _weighted_update(w, per_task, tasks):
 def _shared_leaves(per_task, tasks):
     flat = jax.tree_util.tree_flatten_with_path(per_task)[0]
     return [g for path, g in flat if _owner(path, tasks) is None]
+
+
+def _per_task_vjp(vjp, eye, batched: bool):
+    """vjp applied to every row of the identity, outputs stacked along a leading task axis."""
+    if batched:
+        return jax.vmap(vjp)(eye)
+    return jax.tree.map(lambda *g: jnp.stack(g), *(vjp(row) for row in eye))
 
 
 def value_and_grad(
@@ -143,9 +163,8 @@ def value_and_grad(
                 return vec, (metrics, aux)
 
             vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
-            # One backward pass per task, stacked: on XLA:CPU this is ~1.5x faster than
-            # jax.vmap(vjp), whose batched convolution gradients are slow.
-            per_task = jax.tree.map(lambda *g: jnp.stack(g), *(vjp(row)[0] for row in eye))
+            batched = strategy.backward == "vmap"
+            (per_task,) = _per_task_vjp(vjp, eye, batched)
             gram = grad_lib.gram_matrix(_shared_leaves(per_task, tasks))
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
             param_grads = _weighted_update(w, per_task, tasks)
@@ -155,7 +174,8 @@ def value_and_grad(
             head_params = {k: v for k, v in params.items() if k.startswith("heads_")}
             reps, trunk_vjp, aux = jax.vjp(trunk, params, has_aux=True)
             vec, head_vjp, metrics = jax.vjp(loss_vector, head_params, reps, has_aux=True)
-            head_grads, rep_grads = jax.vmap(head_vjp)(eye)
+            batched = strategy.backward != "unroll"
+            head_grads, rep_grads = _per_task_vjp(head_vjp, eye, batched)
             gram = grad_lib.gram_matrix(rep_grads)
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
             (param_grads,) = trunk_vjp(grad_lib.combine(w, rep_grads))
