@@ -67,6 +67,8 @@ def parse_flags(argv):
 def main(argv):
     del argv
     parallel.maybe_initialize_distributed()
+    import jax  # noqa: PLC0415
+
     from hisd_jax import train  # pylint: disable=g-import-not-at-top
 
     logging.info("Config:\n%s", FLAGS.config)
@@ -74,6 +76,8 @@ def main(argv):
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_lib.ConfigError as e:
         config_error(str(e))
+    if jax.process_index() != 0:  # every process holds the same results; one prints them
+        return
     for task, per_exit in results["test"].items():
         for name, m in per_exit.items():
             print(f"test {task} {name}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()))

@@ -77,6 +77,12 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def ece_bin(conf, num_bins: int):
+    """Bin of each confidence among `num_bins` equal-width bins (lo, hi] (0 goes to the first),
+    the convention of Guo et al. (2017) and of inference.calibration.ece."""
+    return jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+
+
 def classification_sums(logits, labels, mask) -> dict:
     """Per-batch sums from which accuracy, mean CE and ECE follow exactly.
 
@@ -87,8 +93,7 @@ def classification_sums(logits, labels, mask) -> dict:
     conf = jnp.exp(jnp.max(logp, axis=-1))
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32) * mask
     nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    bins = jnp.clip((conf * ECE_BINS).astype(jnp.int32), 0, ECE_BINS - 1)
-    onehot = jax.nn.one_hot(bins, ECE_BINS) * mask[:, None]
+    onehot = jax.nn.one_hot(ece_bin(conf, ECE_BINS), ECE_BINS) * mask[:, None]
     return {
         "n": jnp.sum(mask),
         "correct": jnp.sum(correct),

@@ -287,6 +287,7 @@ def test_only_process_0_writes_metrics_and_results(job):
     tb = os.listdir(job["multi"] / "tb")
     assert len(tb) == 2, tb  # one TensorBoard event file per run of the job, by process 0
     assert "test label exit" in job["logs"][0]  # main.py's summary, printed by process 0
+    assert "test label exit" not in job["logs"][1]  # ... and only by process 0
 
 
 def test_losses_match_single_process(job):

@@ -191,7 +191,7 @@ def np_metrics(logits, labels):
     ece = 0.0
     for b in range(ECE_BINS):
         lo, hi = b / ECE_BINS, (b + 1) / ECE_BINS
-        here = (conf >= lo) & ((conf < hi) if b < ECE_BINS - 1 else (conf <= hi))
+        here = ((conf > lo) if b else (conf >= lo)) & (conf <= hi)  # (lo, hi], 0 in the first
         if here.any():
             ece += here.sum() / len(labels) * abs(correct[here].mean() - conf[here].mean())
     return {
@@ -199,6 +199,23 @@ def np_metrics(logits, labels):
         "loss": -logp[np.arange(len(labels)), labels].mean(),
         "ece": ece,
     }
+
+
+def test_ece_bins_match_the_calibration_module():
+    """Training-time ECE bins are (lo, hi] like inference.calibration.ece, edges included."""
+    from hisd_jax import metrics as metrics_lib  # noqa: PLC0415
+    from hisd_jax.inference.calibration import ece  # noqa: PLC0415
+
+    conf = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 0.3, 0.74, 0.76], np.float32)  # exact in binary
+    bins = np.asarray(metrics_lib.ece_bin(jnp.asarray(conf), 4))
+    np.testing.assert_array_equal(bins, [0, 0, 1, 2, 3, 1, 2, 3])
+    # The same ECE from the in-graph sums and from calibration.ece, on two-class probabilities.
+    probs = np.stack([conf * 0.5 + 0.5, 0.5 - conf * 0.5], -1)
+    labels = np.array([0, 1, 0, 0, 1, 0, 1, 0])
+    logits = jnp.log(jnp.asarray(probs))
+    sums = metrics_lib.classification_sums(logits, jnp.asarray(labels), jnp.ones(len(labels)))
+    got = metrics_lib.finalize_sums(sums)["ece"]
+    assert got == pytest.approx(ece(probs, labels, num_bins=metrics_lib.ECE_BINS), abs=1e-6)
 
 
 def assert_metrics_close(got, want):
