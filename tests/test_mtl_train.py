@@ -531,3 +531,90 @@ def test_strategy_benchmark_times_each_variant(compile_cache):
     assert all(f"| {label} |" in table for label in labels)
     with pytest.raises(config_lib.ConfigError, match="mtl.backward"):
         bench.benchmark_strategies(config, ["mgda@param:jacrev"], steps=1, rounds=1)
+
+
+def test_live_inputs_finds_what_a_function_reads():
+    def f(params, reps):
+        unused = jnp.mean(reps[0]) + jnp.sum(params["b"])  # traced, but not in the output
+        del unused
+        return jnp.stack([jnp.sum(reps[1] * params["a"]), jnp.sum(reps[2] ** 2)])
+
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    reps = [jnp.ones(4), jnp.ones(3), jnp.ones(5)]
+    assert strategy_lib.live_inputs(f, params, reps) == [True, False, False, True, True]
+
+
+def test_rep_space_differentiates_only_the_representations_the_losses_read(monkeypatch):
+    """Rep space on a toy trunk with three outputs, the heads reading two: the Gram matrix
+    is that of the two read outputs' task gradients, and every update equals jax.grad of
+    sum_t w_t L_t with the weights held fixed."""
+    tasks = ("a", "b")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    params = {
+        "segments_0": {"w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)},
+        "segments_1": {"w": jnp.asarray(rng.normal(size=(5, 5)), jnp.float32)},
+        "heads_1": {
+            "out_a": {"k": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
+            "out_b": {"k": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
+        },
+    }
+
+    def trunk(p):
+        h0 = jnp.tanh(x @ p["segments_0"]["w"])
+        h1 = jnp.tanh(h0 @ p["segments_1"]["w"])
+        return [jnp.concatenate([h0, h0], -1), h1, h1 * 2.0], {}
+
+    def heads(p, reps):  # reps[0] feeds only a "features" output, like a task-less exit
+        h = p["heads_1"]
+        a = jnp.mean((reps[1] @ h["out_a"]["k"]) ** 2)
+        b = jnp.mean(jnp.sin(reps[2] @ h["out_b"]["k"]))
+        return {"a": a, "b": b, "features": jnp.mean(reps[0])}
+
+    def task_losses(out):
+        return {"a": out["a"], "b": out["b"]}, {"features": out["features"]}
+
+    gram_shapes = []
+    gram_matrix = grad_lib.gram_matrix
+
+    def spy(per_task):
+        gram_shapes.extend(leaf.shape for leaf in jax.tree.leaves(per_task))
+        return gram_matrix(per_task)
+
+    monkeypatch.setattr(grad_lib, "gram_matrix", spy)
+    w = jnp.array([0.3, 0.8], jnp.float32)
+    recorder = grad_lib.GradientMethod(lambda n: {}, lambda gram, losses, state, **_: (w, gram))
+    strategy = strategy_lib.Strategy("fixed", "rep", tasks, method=recorder)
+    _, (grads, _), gram, metrics, _ = jax.jit(
+        lambda p: strategy_lib.value_and_grad(
+            strategy,
+            trunk=trunk,
+            heads=heads,
+            task_losses=task_losses,
+            params=p,
+            strategy_params={},
+            strategy_state={},
+            step=0,
+            rng=jax.random.key(0),
+        )
+    )(params)
+
+    assert gram_shapes == [(2, 6, 5), (2, 6, 5)]  # not the unread (6, 10) output
+    reps, _ = trunk(params)
+    per_task = [
+        jax.grad(lambda r, t=t: task_losses(heads(params, [reps[0], *r]))[0][t])(reps[1:])
+        for t in tasks
+    ]
+    flat = np.stack([np.concatenate([np.ravel(g) for g in gs]) for gs in per_task])
+    np.testing.assert_allclose(gram, flat @ flat.T, rtol=1e-5)
+
+    def weighted(p):
+        losses, _ = task_losses(heads(p, trunk(p)[0]))
+        return w[0] * losses["a"] + w[1] * losses["b"]
+
+    want = jax.grad(weighted)(params)
+    # A task's own head leaf gets its gradient unweighted (strategy._weighted_update).
+    for t, wt in zip(tasks, w):
+        want["heads_1"][f"out_{t}"]["k"] = want["heads_1"][f"out_{t}"]["k"] / wt
+    chex.assert_trees_all_close(grads, want, atol=1e-6, rtol=1e-5)
+    assert float(metrics["features"]) == pytest.approx(float(jnp.mean(reps[0])))

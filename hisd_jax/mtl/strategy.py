@@ -13,7 +13,9 @@ Two kinds of strategy (see weighting.py and gradients.py):
       own gradient, unweighted (as LibMTL does).
     - space="rep": gradients with respect to the shared representation (the trunk's
       outputs: MGDA-UB's upper bound), so only the small heads are differentiated T
-      times; the trunk is back-propagated once with sum_t w_t dL_t/dz.
+      times; the trunk is back-propagated once with sum_t w_t dL_t/dz. Only the trunk
+      outputs the task losses read (found by a liveness pass over the traced losses, e.g.
+      the exits that carry task heads) get T gradients and enter the Gram matrix.
 How the T backward passes run (`backward`, config `mtl.backward`; same gradients either way):
   * "unroll": T vjp calls of the one forward pass, in the same jitted step;
   * "vmap":   jax.vmap of the vjp over the T one-hot cotangents (one batched backward);
@@ -31,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from hisd_jax.mtl import gradients as grad_lib
 from hisd_jax.mtl import weighting as weighting_lib
@@ -105,6 +108,26 @@ def _shared_leaves(per_task, tasks):
     return [g for path, g in flat if _owner(path, tasks) is None]
 
 
+def live_inputs(fn, *args) -> list[bool]:
+    """For every leaf of `args`: may `fn(*args)` depend on it?
+
+    A backward liveness pass over the traced jaxpr: an equation is live when one of its
+    outputs is, and then all its inputs are. Conservative (a call primitive whose output is
+    live makes all its inputs live), so False means "certainly unused".
+    """
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    jaxpr = jax.make_jaxpr(fn)(*shapes).jaxpr
+
+    def variables(vs):
+        return [v for v in vs if not isinstance(v, jax_core.Literal)]
+
+    live = set(variables(jaxpr.outvars))
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in variables(eqn.outvars)):
+            live.update(variables(eqn.invars))
+    return [v in live for v in jaxpr.invars]
+
+
 def _per_task_vjp(vjp, eye, batched: bool):
     """vjp applied to every row of the identity, outputs stacked along a leading task axis."""
     if batched:
@@ -173,12 +196,28 @@ def value_and_grad(
             # (top-level keys `heads_*`) enter the per-task backward passes.
             head_params = {k: v for k, v in params.items() if k.startswith("heads_")}
             reps, trunk_vjp, aux = jax.vjp(trunk, params, has_aux=True)
-            vec, head_vjp, metrics = jax.vjp(loss_vector, head_params, reps, has_aux=True)
+            leaves, treedef = jax.tree.flatten(reps)
+            live = live_inputs(lambda h, r: loss_vector(h, r)[0], head_params, reps)
+            used = [i for i, alive in enumerate(live[-len(leaves) :]) if alive]
+            used = used or list(range(len(leaves)))
+
+            def used_loss_vector(head_params, used_leaves):
+                full = list(leaves)  # the unused outputs enter as constants
+                for i, leaf in zip(used, used_leaves):
+                    full[i] = leaf
+                return loss_vector(head_params, jax.tree.unflatten(treedef, full))
+
+            vec, head_vjp, metrics = jax.vjp(
+                used_loss_vector, head_params, [leaves[i] for i in used], has_aux=True
+            )
             batched = strategy.backward != "unroll"
             head_grads, rep_grads = _per_task_vjp(head_vjp, eye, batched)
             gram = grad_lib.gram_matrix(rep_grads)
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
-            (param_grads,) = trunk_vjp(grad_lib.combine(w, rep_grads))
+            cotangent = [jnp.zeros_like(leaf) for leaf in leaves]
+            for i, g in zip(used, grad_lib.combine(w, rep_grads)):
+                cotangent[i] = g
+            (param_grads,) = trunk_vjp(jax.tree.unflatten(treedef, cotangent))
             head_update = _weighted_update(w, head_grads, tasks)
             param_grads = {
                 k: jax.tree.map(jnp.add, g, head_update[k]) if k in head_update else g
