@@ -11,7 +11,8 @@ jax.distributed variables take effect before JAX starts):
                                the final state in OUT.npz
 
 It is also an ml_collections config file: `--config tests/_workers.py:ARG` where ARG is
-`section__field=value,...` (values read with ast.literal_eval, bare words as strings) gives
+`section__field=value,...` (values read with ast.literal_eval, bare words as strings; commas
+inside brackets belong to the value) gives
 `conftest.tiny_config(**overrides)`.
 """
 
@@ -25,9 +26,21 @@ if HERE not in sys.path:  # for `conftest` when loaded as a config file by absl/
     sys.path.insert(0, HERE)
 
 
+def split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets: "a=1,b=(2,3)" -> ["a=1", "b=(2,3)"]."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def parse_arg(arg: str | None) -> dict:
     out = {}
-    for item in (arg or "").split(","):
+    for item in split_top_level(arg or ""):
         if not item:
             continue
         key, _, value = item.partition("=")
