@@ -25,17 +25,17 @@ Every method and baseline over 3 seeds, with Delta_m% (hisd_jax/sweep.py):
   python -m hisd_jax.sweep --config configs/mtl_multidigits.py --seeds 0,1,2 \\
       --methods ew,uw,dwa,rlw,gls,mgda,pcgrad,gradvac,cagrad,imtlg,gradnorm,nashmtl \\
       --workdir runs/mtl_sweep
-Expected: on 2 free CPU cores an EW run takes ~50 s (33 ms per train step, 42 s for the
-1000-step loop, plus start-up, compilation and evaluation; 2-3x longer on shared cores);
-param-space gradient methods take ~4.1x EW's step time, rep-space ones ~1.3x
-(`python -m hisd_jax.bench --config configs/mtl_multidigits.py --strategies all`).
---config.model.width=12 is ~25% faster (34 s loop) and a few points less accurate.
-Measured at 1000 steps, seed 0 (test accuracy %, ink MAE):
-  single-task  left 94.1  right 94.6  sum 66.7  same_parity 85.0  ink 0.032
-  ew           left 93.1  right 93.5  sum 85.1  same_parity 94.2  ink 0.129  (Delta_m -54.7%)
-  mgda@rep     left 90.4  right 92.6  sum 50.6  same_parity 93.5  ink 0.061  (Delta_m -22.8%)
+Expected: an EW run takes ~50 s on 2 CPU cores (start-up, compilation, the 1000-step loop,
+evaluation), a parameter-space gradient method ~105 s; the whole sweep above (51 runs) ~65
+min. Per-step ratios to EW: `python -m hisd_jax.bench --config configs/mtl_multidigits.py
+--strategies all` (see the README). --config.model.width=12 is ~25% faster and a few points
+less accurate.
+Measured with the sweep above (test split, mean over seeds 0-2; accuracy %, ink MAE):
+  single-task  left 93.5  right 94.1  sum 68.3  same_parity 79.4  ink 0.041
+  ew           left 92.0  right 93.4  sum 83.3  same_parity 93.2  ink 0.140  (Delta_m -40.2%)
+  cagrad       left 92.0  right 93.2  sum 80.6  same_parity 92.9  ink 0.076  (Delta_m -10.1%)
 Sharing helps the slow tasks (sum, same_parity) and hurts the regression task, whose small
-MSE loss EW under-weights; its relative MAE change dominates Delta_m.
+MSE loss EW under-weights; its relative MAE change dominates Delta_m. Full table: README.
 """
 
 from hisd_jax.config import base_config, parse_arg

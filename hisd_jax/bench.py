@@ -119,16 +119,19 @@ def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
 
 
 def strategy_tokens(spec: str) -> list[str]:
-    """'all' -> every loss weighting, then every gradient method in param and in rep space."""
+    """Comma-separated tokens; 'all' stands for every loss weighting, then every gradient
+    method in param and in rep space (`all,pcgrad@param:vmap` adds to it)."""
     from hisd_jax.mtl.strategy import GRADIENT_METHODS, LOSS_WEIGHTINGS  # noqa: PLC0415
 
-    if spec == "all":
-        return [
-            *LOSS_WEIGHTINGS,
-            *(f"{m}@param" for m in GRADIENT_METHODS),
-            *(f"{m}@rep" for m in GRADIENT_METHODS),
-        ]
-    return [t for t in spec.split(",") if t]
+    every = [
+        *LOSS_WEIGHTINGS,
+        *(f"{m}@param" for m in GRADIENT_METHODS),
+        *(f"{m}@rep" for m in GRADIENT_METHODS),
+    ]
+    tokens = []
+    for token in spec.split(","):
+        tokens += every if token == "all" else [token] if token else []
+    return tokens
 
 
 def benchmark_strategies(

@@ -531,6 +531,11 @@ def test_strategy_benchmark_times_each_variant(compile_cache):
     assert all(f"| {label} |" in table for label in labels)
     with pytest.raises(config_lib.ConfigError, match="mtl.backward"):
         bench.benchmark_strategies(config, ["mgda@param:jacrev"], steps=1, rounds=1)
+    # 'all' expands in place: every loss weighting, every gradient method in both spaces.
+    every = bench.strategy_tokens("all")
+    num = len(strategy_lib.LOSS_WEIGHTINGS) + 2 * len(strategy_lib.GRADIENT_METHODS)
+    assert len(set(every)) == len(every) == num and "nashmtl@rep" in every
+    assert bench.strategy_tokens("all,mgda@param:vmap") == [*every, "mgda@param:vmap"]
 
 
 def test_live_inputs_finds_what_a_function_reads():
