@@ -20,7 +20,7 @@ How the T backward passes run (`backward`, config `mtl.backward`; same gradients
   * "unroll": T vjp calls of the one forward pass, in the same jitted step;
   * "vmap":   jax.vmap of the vjp over the T one-hot cotangents (one batched backward);
   * "auto":   unroll in parameter space, vmap in representation space — the faster of the two
-    on XLA:CPU for each (vmap's batched convolution gradients are ~1.5x slower there; the
+    on XLA:CPU for each (vmap's batched convolution gradients are ~1.4x slower there; the
     heads' dense gradients batch well). `python -m hisd_jax.bench --strategies all` measures
     both on your hardware.
 Strategy state (DWA's running losses, GradVac's targets, GradNorm's weights, ...) is a
