@@ -128,6 +128,13 @@ def live_inputs(fn, *args) -> list[bool]:
     return [v in live for v in jaxpr.invars]
 
 
+def _vmapped(strategy: Strategy) -> bool:
+    """Whether the T backward passes run under jax.vmap ("auto": in representation space)."""
+    if strategy.backward == "auto":
+        return strategy.space == "rep"
+    return strategy.backward == "vmap"
+
+
 def _per_task_vjp(vjp, eye, batched: bool):
     """vjp applied to every row of the identity, outputs stacked along a leading task axis."""
     if batched:
@@ -186,8 +193,7 @@ def value_and_grad(
                 return vec, (metrics, aux)
 
             vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
-            batched = strategy.backward == "vmap"
-            (per_task,) = _per_task_vjp(vjp, eye, batched)
+            (per_task,) = _per_task_vjp(vjp, eye, _vmapped(strategy))
             gram = grad_lib.gram_matrix(_shared_leaves(per_task, tasks))
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
             param_grads = _weighted_update(w, per_task, tasks)
@@ -210,8 +216,7 @@ def value_and_grad(
             vec, head_vjp, metrics = jax.vjp(
                 used_loss_vector, head_params, [leaves[i] for i in used], has_aux=True
             )
-            batched = strategy.backward != "unroll"
-            head_grads, rep_grads = _per_task_vjp(head_vjp, eye, batched)
+            head_grads, rep_grads = _per_task_vjp(head_vjp, eye, _vmapped(strategy))
             gram = grad_lib.gram_matrix(rep_grads)
             w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
             cotangent = [jnp.zeros_like(leaf) for leaf in leaves]
