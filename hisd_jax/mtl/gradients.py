@@ -17,9 +17,24 @@ Computation is in float32; scale-invariant methods work on K divided by its mean
 
 Interface (the caller keeps ``state`` in its train state):
 
-    method = get_gradient_method("pcgrad", num_tasks=3)
+    method = get_gradient_method("pcgrad", num_tasks=3, task_ids=(7, 3, 11))
     state = method.init(3)
-    w, state = method.weights(gram, losses, state, step=step, rng=rng)
+    w, state = method.weights(gram, losses, state, step=step, rng=rng, active=active)
+
+Active tasks. ``active`` (float32 [T] of 0/1, may be traced and change between steps of one
+compiled function; None = all active) marks the tasks that take part in this step. On the active
+tasks every method returns what it returns on the sub-problem with the inactive tasks deleted
+(the sub-Gram matrix without their rows and columns, the sub-vector of losses, the matching
+sub-vector of ``task_ids``); an inactive task gets w_t = 0 exactly, its rows/columns of K and
+its loss are never read into the result (they may be inf or nan), and its entries of ``state``
+are left untouched, so when it becomes active again it resumes from its own state (or its
+initialisation). Solvers work on the active subset (masked argmin/argmax, masked means such as
+the mean diagonal of ``_unit_scale``), not on a zero gradient for the inactive tasks.
+
+Task ids. ``task_ids`` (construction time; T distinct ints in [0, 2^32), default 0..T-1) name the
+tasks for randomness: task t's random numbers come from ``jax.random.fold_in(rng, task_ids[t])``,
+so PCGrad/GradVac's random visiting orders restricted to the active tasks equal the orders drawn
+on the sub-problem with the same ids.
 """
 
 from collections.abc import Callable
@@ -27,7 +42,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from hisd_jax.mtl.weighting import active_mask, resolve_task_ids, task_keys
 
 _TINY = 1e-30
 _EPS = 1e-8  # guards divisions by norms, relative to the mean-diagonal-normalised Gram matrix
@@ -37,8 +55,9 @@ class GradientMethod(NamedTuple):
     """A per-task-gradient method.
 
     init: num_tasks -> state pytree.
-    weights: (gram [T,T], losses [T], state, *, step, rng) -> (w [T], new_state); the update is
-      w^T G. ``w`` is stop-gradient'ed.
+    weights: (gram [T,T], losses [T], state, *, step, rng, active=None) -> (w [T], new_state);
+      the update is w^T G. ``w`` is stop-gradient'ed; ``active`` float [T] of 0/1 (None: all
+      tasks active), see the module doc.
     """
 
     init: Callable[[int], Any]
@@ -67,11 +86,35 @@ def combine(w, per_task_grads):
 
 
 # ------------------------------------------------------------------------------ shared numerics
-def _unit_scale(gram):
-    """(K / s, s) with s the mean diagonal of K, the scale-free form used by the solvers."""
+def _masked_gram(gram, active=None):
+    """K in float32 with the rows and columns of inactive tasks replaced by those of I.
+
+    An inactive task then looks like a unit gradient orthogonal to all others (its own entries,
+    possibly inf/nan, are never read); the solvers still exclude it explicitly.
+    """
     gram = gram.astype(jnp.float32)
-    scale = jnp.maximum(jnp.trace(gram) / gram.shape[0], _TINY)
-    return gram / scale, scale
+    num = gram.shape[0]
+    mask = active_mask(active, num)
+    both = mask[:, None] & mask[None, :]
+    return jnp.where(both, gram, jnp.eye(num, dtype=jnp.float32))
+
+
+def _unit_scale(gram, active=None):
+    """(K / s, s) with s the mean diagonal of K over the active tasks, the scale-free form used by
+    the solvers (inactive rows/columns: those of I, see ``_masked_gram``)."""
+    num = gram.shape[0]
+    mask = active_mask(active, num)
+    gram = _masked_gram(gram, mask)
+    num_active = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    scale = jnp.maximum(jnp.sum(jnp.where(mask, jnp.diag(gram), 0.0)) / num_active, _TINY)
+    both = mask[:, None] & mask[None, :]
+    return jnp.where(both, gram / scale, jnp.eye(num, dtype=jnp.float32)), scale
+
+
+def _uniform(mask):
+    """1/n on the n active tasks, 0 elsewhere."""
+    num_active = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    return jnp.where(mask, 1.0 / num_active, 0.0)
 
 
 def _no_state(num_tasks):
@@ -79,7 +122,7 @@ def _no_state(num_tasks):
     return {}
 
 
-def _pairwise_frank_wolfe(x0, grad_fn, step_fn, iters):
+def _pairwise_frank_wolfe(x0, grad_fn, step_fn, iters, mask):
     """Minimise a convex function over the probability simplex by pairwise Frank-Wolfe.
 
     Each iteration moves mass from the active vertex v (x_v > 0) with the largest partial
@@ -87,45 +130,59 @@ def _pairwise_frank_wolfe(x0, grad_fn, step_fn, iters):
     gamma = step_fn(x, e_s - e_v, x_v) in [0, x_v] from an exact line search. Unlike plain
     Frank-Wolfe it converges linearly for objectives like the min-norm problem (Lacoste-Julien &
     Jaggi, NeurIPS 2015); a fixed iteration count gives an essentially exact solution for
-    moderate T (the tests compare against float64 references).
+    moderate T (the tests compare against float64 references). Only the vertices of the active
+    tasks (``mask``) are used, so x0 supported on them stays on their face of the simplex.
     """
     vertices = jnp.eye(x0.shape[0], dtype=x0.dtype)
 
     def body(_, x):
         g = grad_fn(x)
-        s = jnp.argmin(g)
-        v = jnp.argmax(jnp.where(x > 0, g, -jnp.inf))
+        s = jnp.argmin(jnp.where(mask, g, jnp.inf))
+        v = jnp.argmax(jnp.where(mask & (x > 0), g, -jnp.inf))
         d = vertices[s] - vertices[v]
         return x + step_fn(x, d, x[v]) * d
 
     return lax.fori_loop(0, iters, body, x0)
 
 
-def min_norm_weights(gram, iters: int = 250):
+def min_norm_weights(gram, iters: int = 250, active=None):
     """lambda on the simplex minimising ||lambda^T G||^2 = lambda^T K lambda (pairwise Frank-Wolfe).
 
     For T = 2 the first iteration is the exact closed form of Sener & Koltun (2018, Alg. 1).
+    With ``active``, the simplex of the active tasks (lambda_t = 0 for the others).
     """
-    gram, _ = _unit_scale(gram)
-    num_tasks = gram.shape[0]
+    mask = active_mask(active, gram.shape[0])
+    gram, _ = _unit_scale(gram, mask)
 
     def step(x, d, gmax):  # exact line search of the quadratic along d
         slope = d @ gram @ x
         curvature = d @ gram @ d
         return jnp.clip(-slope / jnp.maximum(curvature, _TINY), 0.0, gmax)
 
-    x0 = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
-    return _pairwise_frank_wolfe(x0, lambda x: gram @ x, step, iters)
+    x = _pairwise_frank_wolfe(_uniform(mask), lambda x: gram @ x, step, iters, mask)
+    return jnp.where(mask, x, 0.0)
 
 
-def random_task_orders(rng, num_tasks: int) -> jax.Array:
-    """int32 [T, T-1]: row i is a uniformly random order of the tasks other than i."""
-    keys = jax.random.split(rng, num_tasks)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, num_tasks - 1))(keys)
-    return (perms + (perms >= jnp.arange(num_tasks)[:, None])).astype(jnp.int32)
+def random_task_orders(rng, num_tasks: int, task_ids=None) -> jax.Array:
+    """int32 [T, T-1]: row i is a uniformly random order of the tasks other than i.
+
+    Row i sorts the other tasks j by u_ij ~ U[0, 1) drawn from
+    ``fold_in(fold_in(rng, task_ids[i]), task_ids[j])`` (``task_ids`` default 0..T-1), so the
+    relative order of any subset of tasks depends only on their ids: the sub-problem with the
+    same ids draws the same orders restricted to its tasks.
+    """
+    ids = jnp.asarray(np.asarray(resolve_task_ids(task_ids, num_tasks), np.uint32))
+    keys = task_keys(rng, resolve_task_ids(task_ids, num_tasks))
+
+    def row(i, key):
+        u = jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j)))(ids)
+        u = jnp.where(jnp.arange(num_tasks) == i, jnp.inf, u)  # task i itself sorts last
+        return jnp.argsort(u, stable=True)[: num_tasks - 1]
+
+    return jax.vmap(row)(jnp.arange(num_tasks), keys).astype(jnp.int32)
 
 
-def surgery_coefficients(gram, orders, targets, beta: float):
+def surgery_coefficients(gram, orders, targets, beta: float, active=None):
     """GradVac-style gradient surgery on coefficient rows (PCGrad is targets = 0, beta = 0).
 
     For each task i, starting from g'_i = g_i, and for each j in ``orders[i]``:
@@ -136,10 +193,14 @@ def surgery_coefficients(gram, orders, targets, beta: float):
     With phi_ij = 0 the correction is -(g'_i . g_j / ||g_j||^2) g_j, i.e. PCGrad's projection
     onto the normal plane of the ORIGINAL g_j whenever g'_i . g_j < 0.
 
+    With ``active``, pairs (i, j) with an inactive task are skipped: C_ij stays 0 for an inactive
+    j, the row of an inactive i stays e_i, and their targets are left unchanged.
+
     Returns (C [T, T] with g'_i = sum_j C_ij g_j, updated targets [T, T]).
     """
-    gram, _ = _unit_scale(gram)
     num_tasks = gram.shape[0]
+    mask = active_mask(active, num_tasks)
+    gram, _ = _unit_scale(gram, mask)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
 
     def one_task(i, order, phi_row):
@@ -156,8 +217,9 @@ def surgery_coefficients(gram, orders, targets, beta: float):
                 * (phi * jnp.sqrt(1.0 - rho**2) - rho * sin_phi)
                 / (norms[j] * sin_phi + _EPS)
             )
-            c = c.at[j].add(jnp.where(rho < phi, coef, 0.0))
-            phi_row = phi_row.at[j].set((1.0 - beta) * phi + beta * rho)
+            visit = mask[i] & mask[j]
+            c = c.at[j].add(jnp.where(visit & (rho < phi), coef, 0.0))
+            phi_row = phi_row.at[j].set(jnp.where(visit, (1.0 - beta) * phi + beta * rho, phi))
             return c, phi_row
 
         c0 = jax.nn.one_hot(i, num_tasks, dtype=jnp.float32)
@@ -167,22 +229,23 @@ def surgery_coefficients(gram, orders, targets, beta: float):
 
 
 # -------------------------------------------------------------------------------------- methods
-def _ew(num_tasks):
+def _ew(num_tasks, task_ids):
     """Equal weighting: g = sum_t g_t (w = 1)."""
-    del num_tasks
+    del num_tasks, task_ids
 
-    def weights(gram, losses, state, *, step, rng):
-        return jnp.ones(gram.shape[0], jnp.float32), state
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, gram.shape[0])
+        return jnp.where(mask, 1.0, 0.0).astype(jnp.float32), state
 
     return GradientMethod(_no_state, weights)
 
 
-def _mean(num_tasks):
+def _mean(num_tasks, task_ids):
     """Mean gradient: g = (1/T) sum_t g_t."""
-    del num_tasks
+    del num_tasks, task_ids
 
-    def weights(gram, losses, state, *, step, rng):
-        return jnp.full((gram.shape[0],), 1.0 / gram.shape[0], jnp.float32), state
+    def weights(gram, losses, state, *, step, rng, active=None):
+        return _uniform(active_mask(active, gram.shape[0])), state
 
     return GradientMethod(_no_state, weights)
 
@@ -190,7 +253,7 @@ def _mean(num_tasks):
 _MGDA_NORMALIZERS = ("none", "l2", "loss", "loss+")
 
 
-def _mgda(num_tasks, normalize: str = "none", iters: int = 250):
+def _mgda(num_tasks, task_ids, normalize: str = "none", iters: int = 250):
     """MGDA / MGDA-UB (Sener & Koltun, NeurIPS 2018).
 
     With normalisers n_t (none: 1; l2: ||g_t||; loss: L_t; loss+: L_t ||g_t||) the min-norm
@@ -201,14 +264,15 @@ def _mgda(num_tasks, normalize: str = "none", iters: int = 250):
     The original code instead applies lambda to the un-normalised losses; we keep the update
     consistent with the hull the solver minimised over.
     """
-    del num_tasks
+    del num_tasks, task_ids
     if normalize not in _MGDA_NORMALIZERS:
         raise ValueError(f"mgda normalize must be one of {_MGDA_NORMALIZERS}, got {normalize!r}")
 
-    def weights(gram, losses, state, *, step, rng):
-        gram = gram.astype(jnp.float32)
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, gram.shape[0])
+        gram = _masked_gram(gram, mask)
         grad_norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-        losses = lax.stop_gradient(losses).astype(jnp.float32)
+        losses = jnp.where(mask, lax.stop_gradient(losses).astype(jnp.float32), 1.0)
         n = {
             "none": jnp.ones_like(grad_norms),
             "l2": grad_norms,
@@ -216,31 +280,36 @@ def _mgda(num_tasks, normalize: str = "none", iters: int = 250):
             "loss+": losses * grad_norms,
         }[normalize]
         n = jnp.maximum(n, _TINY)
-        lam = min_norm_weights(gram / jnp.outer(n, n), iters)
-        return lax.stop_gradient(lam / n), state
+        lam = min_norm_weights(gram / jnp.outer(n, n), iters, mask)
+        return lax.stop_gradient(jnp.where(mask, lam / n, 0.0)), state
 
     return GradientMethod(_no_state, weights)
 
 
-def _pcgrad(num_tasks):
+def _active_column_sums(coefs, mask):
+    """w_j = sum_i C_ij over the active rows i (0 for an inactive j)."""
+    return jnp.where(mask, jnp.sum(jnp.where(mask[:, None], coefs, 0.0), axis=0), 0.0)
+
+
+def _pcgrad(num_tasks, task_ids):
     """PCGrad (Yu et al., NeurIPS 2020), "gradient surgery".
 
-    For each task i, visiting the other tasks j in a random order (from ``rng``):
+    For each task i, visiting the other tasks j in a random order (``random_task_orders``):
       if g'_i . g_j < 0:  g'_i <- g'_i - (g'_i . g_j / ||g_j||^2) g_j      (g_j the original),
     and the update is sum_i g'_i. Returned weights are the column sums of the coefficient matrix.
     """
-    del num_tasks
 
-    def weights(gram, losses, state, *, step, rng):
-        num = gram.shape[0]
-        zeros = jnp.zeros((num, num), jnp.float32)
-        coefs, _ = surgery_coefficients(gram, random_task_orders(rng, num), zeros, 0.0)
-        return lax.stop_gradient(coefs.sum(0)), state
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        orders = random_task_orders(rng, num_tasks, task_ids)
+        zeros = jnp.zeros((num_tasks, num_tasks), jnp.float32)
+        coefs, _ = surgery_coefficients(gram, orders, zeros, 0.0, mask)
+        return lax.stop_gradient(_active_column_sums(coefs, mask)), state
 
     return GradientMethod(_no_state, weights)
 
 
-def _gradvac(num_tasks, beta: float = 0.01):
+def _gradvac(num_tasks, task_ids, beta: float = 0.01):
     """Gradient Vaccine (Wang et al., ICLR 2021), whole-model granularity.
 
     Like PCGrad but each pair (i, j) has an EMA target cosine phi_ij (state, starts at 0): if
@@ -249,17 +318,18 @@ def _gradvac(num_tasks, beta: float = 0.01):
                      / (||g_j|| sqrt(1-phi_ij^2)) g_j,
     and, for every visited pair (as in the paper's Algorithm 1),
       phi_ij <- (1 - beta) phi_ij + beta rho_ij.
-    The update is sum_i g'_i. See ``surgery_coefficients``.
+    The update is sum_i g'_i. See ``surgery_coefficients``; the targets of pairs with an
+    inactive task are left unchanged.
     """
-    del num_tasks
 
     def init(num):
         return {"targets": jnp.zeros((num, num), jnp.float32)}
 
-    def weights(gram, losses, state, *, step, rng):
-        orders = random_task_orders(rng, gram.shape[0])
-        coefs, targets = surgery_coefficients(gram, orders, state["targets"], beta)
-        return lax.stop_gradient(coefs.sum(0)), {"targets": targets}
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        orders = random_task_orders(rng, num_tasks, task_ids)
+        coefs, targets = surgery_coefficients(gram, orders, state["targets"], beta, mask)
+        return lax.stop_gradient(_active_column_sums(coefs, mask)), {"targets": targets}
 
     return GradientMethod(init, weights)
 
@@ -268,7 +338,12 @@ _CAGRAD_RESCALES = (0, 1, 2)
 
 
 def _cagrad(
-    num_tasks, c: float = 0.5, rescale: int = 1, iters: int = 250, line_search_iters: int = 40
+    num_tasks,
+    task_ids,
+    c: float = 0.5,
+    rescale: int = 1,
+    iters: int = 250,
+    line_search_iters: int = 40,
 ):
     """CAGrad (Liu et al., NeurIPS 2021).
 
@@ -278,15 +353,15 @@ def _cagrad(
       g = (g0 + sqrt(phi) / ||g_x|| g_x) / r,   r = 1 (rescale=0), 1 + c^2 (1), 1 + c (2).
     Returned weights: w = (1/T + sqrt(phi) / ||g_x|| x) / r. c = 0 gives exactly the mean.
     """
-    del num_tasks
+    del task_ids
     if rescale not in _CAGRAD_RESCALES:
         raise ValueError(f"cagrad rescale must be one of {_CAGRAD_RESCALES}, got {rescale!r}")
     divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
 
-    def weights(gram, losses, state, *, step, rng):
-        gram, _ = _unit_scale(gram)
-        num = gram.shape[0]
-        mean_w = jnp.full((num,), 1.0 / num, jnp.float32)
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        gram, _ = _unit_scale(gram, mask)
+        mean_w = _uniform(mask)
         k_mean = gram @ mean_w  # K_t. g0 for every task
         radius = c * jnp.sqrt(jnp.maximum(mean_w @ k_mean, 0.0))
 
@@ -311,14 +386,14 @@ def _cagrad(
             lo, _ = lax.fori_loop(0, line_search_iters, bisect, (jnp.zeros_like(gmax), gmax))
             return jnp.where(deriv(gmax) <= 0, gmax, lo)
 
-        x = _pairwise_frank_wolfe(mean_w, grad_fn, step_fn, iters)
+        x = _pairwise_frank_wolfe(mean_w, grad_fn, step_fn, iters, mask)
         w = (mean_w + radius / jnp.sqrt(norm_sq(x)) * x) / divisor
-        return lax.stop_gradient(w), state
+        return lax.stop_gradient(jnp.where(mask, w, 0.0)), state
 
     return GradientMethod(_no_state, weights)
 
 
-def _imtlg(num_tasks):
+def _imtlg(num_tasks, task_ids):
     """IMTL-G (Liu et al., ICLR 2021, "Towards Impartial Multi-task Learning"), gradient part.
 
     With unit gradients u_t = g_t / ||g_t||, D = [g_1 - g_t]_{t>=2}, U = [u_1 - u_t]_{t>=2}:
@@ -326,22 +401,36 @@ def _imtlg(num_tasks):
     so g = w^T G has equal projections onto every u_t and sum(w) = 1. In Gram form, with
     S = K diag(1/||g||) and E = [1, -I]: D U^T = E S E^T and g_1 U^T = S_1 E^T. The
     pseudo-inverse keeps degenerate (collinear) cases finite.
-    """
-    del num_tasks
 
-    def weights(gram, losses, state, *, step, rng):
-        gram, _ = _unit_scale(gram)
-        num = gram.shape[0]
+    With inactive tasks, the tasks are permuted so that the active ones come first (task 1 is
+    the first active task) and the rows of E for inactive tasks are zeroed: D U^T is then the
+    sub-problem's matrix padded with zeros, whose pseudo-inverse (with the sub-problem's
+    cutoff, 10 (n-1) eps) is the sub-problem's one padded with zeros.
+    """
+    del task_ids
+    num = num_tasks
+    eps = float(jnp.finfo(jnp.float32).eps)
+
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num)
+        gram, _ = _unit_scale(gram, mask)
+        perm = jnp.argsort(~mask, stable=True)  # active tasks first, in their order
+        gram, mask_p = gram[perm][:, perm], mask[perm]
         s = gram / jnp.sqrt(jnp.maximum(jnp.diag(gram), _TINY))[None, :]
         e = jnp.concatenate([jnp.ones((num - 1, 1), jnp.float32), -jnp.eye(num - 1)], axis=1)
-        alpha = (s[0] @ e.T) @ jnp.linalg.pinv(e @ s @ e.T)
-        w = jnp.concatenate([1.0 - alpha.sum(keepdims=True), alpha])
-        return lax.stop_gradient(w), state
+        e = jnp.where(mask_p[1:, None], e, 0.0)
+        num_active = jnp.sum(mask.astype(jnp.float32))
+        rtol = 10.0 * jnp.maximum(num_active - 1.0, 1.0) * eps  # pinv's default for n - 1 rows
+        alpha = (s[0] @ e.T) @ jnp.linalg.pinv(e @ s @ e.T, rtol=rtol)
+        alpha = jnp.where(mask_p[1:], alpha, 0.0)
+        w_p = jnp.concatenate([1.0 - alpha.sum(keepdims=True), alpha])
+        w = jnp.zeros((num,), jnp.float32).at[perm].set(w_p)
+        return lax.stop_gradient(jnp.where(mask, w, 0.0)), state
 
     return GradientMethod(_no_state, weights)
 
 
-def _gradnorm(num_tasks, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3):
+def _gradnorm(num_tasks, task_ids, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3):
     """GradNorm (Chen et al., ICML 2018).
 
     Task weights w (state, start at 1). With G_t = ||w_t g_t|| = w_t sqrt(K_tt), its mean G_bar,
@@ -352,29 +441,44 @@ def _gradnorm(num_tasks, alpha: float = 1.5, lr: float = 0.025, min_weight: floa
     w <- renorm(max(w - lr dL_grad/dw, min_weight)), renorm(v) = T v / sum(v). The floor keeps
     weights positive (the paper relies on small steps instead). K should come from the last
     shared layer (as in the paper) or whatever shared gradients the caller chooses.
+
+    With inactive tasks, T, the means and renorm run over the n active tasks; the returned
+    weights are the stored ones of the active tasks rescaled to sum to n (a no-op up to rounding
+    unless the active set changed), and L_t(0) is the loss at the first step where task t is
+    active ("initialized" is per task). An inactive task's weight and L_t(0) stay as they are.
     """
-    del num_tasks
+    del task_ids
 
     def init(num):
         return {
             "weights": jnp.ones(num, jnp.float32),
             "initial_losses": jnp.ones(num, jnp.float32),
-            "initialized": jnp.zeros((), jnp.bool_),
+            "initialized": jnp.zeros(num, jnp.bool_),
         }
 
-    def weights(gram, losses, state, *, step, rng):
-        losses = lax.stop_gradient(losses).astype(jnp.float32)
-        initial = jnp.where(state["initialized"], state["initial_losses"], losses)
-        w = state["weights"]
-        norms = jnp.sqrt(jnp.maximum(jnp.diag(gram.astype(jnp.float32)), 0.0))
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        num_active = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+        def mean(v):
+            return jnp.sum(jnp.where(mask, v, 0.0)) / num_active
+
+        def renorm(v):  # n v / sum(v) over the active tasks
+            return v * num_active / jnp.maximum(jnp.sum(jnp.where(mask, v, 0.0)), _TINY)
+
+        losses = jnp.where(mask, lax.stop_gradient(losses).astype(jnp.float32), 1.0)
+        initialized = state["initialized"] | ~mask
+        initial = jnp.where(initialized, state["initial_losses"], losses)
+        w = jnp.where(mask, renorm(state["weights"]), 0.0)
+        norms = jnp.sqrt(jnp.maximum(jnp.diag(_masked_gram(gram, mask)), 0.0))
         ratio = losses / jnp.maximum(initial, _TINY)
-        target = jnp.mean(w * norms) * (ratio / jnp.mean(ratio)) ** alpha
+        target = mean(w * norms) * (ratio / mean(ratio)) ** alpha
         new_w = jnp.maximum(w - lr * jnp.sign(w * norms - target) * norms, min_weight)
-        new_w = new_w * w.shape[0] / new_w.sum()
-        return w, {
+        new_w = jnp.where(mask, renorm(new_w), state["weights"])
+        return lax.stop_gradient(w), {
             "weights": new_w,
             "initial_losses": initial,
-            "initialized": jnp.ones((), jnp.bool_),
+            "initialized": state["initialized"] | mask,
         }
 
     return GradientMethod(init, weights)
@@ -383,7 +487,7 @@ def _gradnorm(num_tasks, alpha: float = 1.5, lr: float = 0.025, min_weight: floa
 _NASH_NORMALIZATIONS = ("frobenius", "none")
 
 
-def nash_solve(gram, ridge: float = 1e-6, iters: int = 100):
+def nash_solve(gram, ridge: float = 1e-6, iters: int = 100, active=None):
     """alpha > 0 with (K + ridge s I) alpha = 1 / alpha, s = mean diagonal of K.
 
     alpha minimises the strictly convex, self-concordant f(alpha) = 1/2 alpha^T K alpha -
@@ -392,24 +496,31 @@ def nash_solve(gram, ridge: float = 1e-6, iters: int = 100):
     solved in the scaled variable y = Delta / alpha, (D K D + I) y = 1 - alpha * (K alpha), whose
     matrix has eigenvalues >= 1. The ridge makes the minimiser exist when K is singular with a
     positive null vector (exactly opposed gradients).
+
+    With ``active``: the problem on the active sub-matrix (s its mean diagonal); inactive tasks
+    are decoupled (rows/columns of I), their Newton steps are zeroed, and alpha_t = 0 for them.
     """
-    gram, scale = _unit_scale(gram)
     num = gram.shape[0]
+    mask = active_mask(active, num)
+    gram, scale = _unit_scale(gram, mask)
     gram = gram + ridge * jnp.eye(num, dtype=jnp.float32)
 
     def body(_, a):
         scaled = a[:, None] * gram * a[None, :] + jnp.eye(num, dtype=jnp.float32)
         y = jnp.linalg.solve(scaled, 1.0 - a * (gram @ a))
+        y = jnp.where(mask, y, 0.0)  # the decrement (step size) is the active tasks' one
         # Newton decrement; the max with |y|_inf keeps the positivity guarantee under rounding.
         lam = jnp.maximum(jnp.sqrt(jnp.maximum(y @ scaled @ y, 0.0)), jnp.max(jnp.abs(y)))
         t = jnp.where(lam > 0.25, 1.0 / (1.0 + lam), 1.0)
         return a * (1.0 + t * y)
 
     a = lax.fori_loop(0, iters, body, 1.0 / jnp.sqrt(jnp.diag(gram)))
-    return a / jnp.sqrt(scale)
+    return jnp.where(mask, a / jnp.sqrt(scale), 0.0)
 
 
-def _nashmtl(num_tasks, normalize: str = "frobenius", ridge: float = 1e-6, iters: int = 100):
+def _nashmtl(
+    num_tasks, task_ids, normalize: str = "frobenius", ridge: float = 1e-6, iters: int = 100
+):
     """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution.
 
     Returns alpha > 0 solving K' alpha = 1 / alpha (each task's directional derivative along
@@ -418,19 +529,21 @@ def _nashmtl(num_tasks, normalize: str = "frobenius", ridge: float = 1e-6, iters
     for "none" (then ||g||^2 = T). Solved exactly by ``nash_solve`` (damped Newton) instead of
     the paper's sequence of convex (CCP) approximations warm-started across steps. The official
     code also clips the shared-parameter gradient norm to 1: do that in the optimiser
-    (optax.clip_by_global_norm).
+    (optax.clip_by_global_norm). With inactive tasks, ||K||_F is the active sub-matrix's.
     """
-    del num_tasks
+    del task_ids
     if normalize not in _NASH_NORMALIZATIONS:
         raise ValueError(
             f"nashmtl normalize must be one of {_NASH_NORMALIZATIONS}, got {normalize!r}"
         )
 
-    def weights(gram, losses, state, *, step, rng):
-        gram = gram.astype(jnp.float32)
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        gram = _masked_gram(gram, mask)
         if normalize == "frobenius":
-            gram = gram / jnp.maximum(jnp.linalg.norm(gram), _TINY)
-        return lax.stop_gradient(nash_solve(gram, ridge, iters)), state
+            sub = jnp.where(mask[:, None] & mask[None, :], gram, 0.0)
+            gram = gram / jnp.maximum(jnp.linalg.norm(sub), _TINY)
+        return lax.stop_gradient(nash_solve(gram, ridge, iters, mask)), state
 
     return GradientMethod(_no_state, weights)
 
@@ -448,10 +561,14 @@ _METHODS = {
 }
 
 
-def get_gradient_method(name: str, num_tasks: int, **hparams) -> GradientMethod:
-    """The per-task-gradient method called ``name`` (see ``_METHODS``) with its hparams."""
+def get_gradient_method(name: str, num_tasks: int, *, task_ids=None, **hparams) -> GradientMethod:
+    """The per-task-gradient method called ``name`` (see ``_METHODS``) with its hparams.
+
+    ``task_ids``: T distinct ints in [0, 2^32) naming the tasks for per-task randomness
+    (default 0..T-1); see the module docstring.
+    """
     if name not in _METHODS:
         raise ValueError(f"unknown gradient method {name!r}; allowed: {sorted(_METHODS)}")
     if num_tasks < 2:
         raise ValueError(f"gradient methods need num_tasks >= 2, got {num_tasks}")
-    return _METHODS[name](num_tasks, **hparams)
+    return _METHODS[name](num_tasks, resolve_task_ids(task_ids, num_tasks), **hparams)
