@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from hisd_jax.data import DATASETS, BatchIterator, eval_batches, get_dataset
+from hisd_jax.data import DATASETS, BatchIterator, eval_batches, get_dataset, steps_per_epoch
 from hisd_jax.data.embedded import ArraySource
 
 SKLEARN = load_digits()
@@ -140,6 +140,58 @@ def test_multidigits_determinism_and_config():
         get_dataset("multidigits", fractions=(0.5, 0.5, 0.5))
 
 
+def check_positions(source, global_batch_size, seed=3):
+    """'position' is the row of the example in its split: eval_batches gives 0..N-1 once each
+    (padding repeats row 0, masked), one epoch of BatchIterator (shuffled, whole or split over
+    2 processes) visits every row once, and get_batch(position) gives the same examples."""
+    n = len(source)
+
+    def same_examples(batch):
+        again = source.get_batch(batch["position"])
+        for key, value in again.items():
+            np.testing.assert_array_equal(value, batch[key], err_msg=key)
+
+    batches = list(eval_batches(source, global_batch_size))
+    for batch in batches:
+        assert batch["position"].dtype == np.int32
+        np.testing.assert_array_equal(batch["position"][batch["mask"] == 0], 0)
+        same_examples(batch)
+    masked = np.concatenate([b["position"][b["mask"] == 1] for b in batches])
+    np.testing.assert_array_equal(masked, np.arange(n))
+    halves = [list(eval_batches(source, global_batch_size, process_index=p, process_count=2))
+              for p in range(2)]  # fmt: skip
+    masked = [b["position"][b["mask"] == 1] for step in zip(*halves) for b in step]
+    np.testing.assert_array_equal(np.concatenate(masked), np.arange(n))
+
+    whole = BatchIterator(source, global_batch_size, seed=seed)
+    shards = [
+        BatchIterator(source, global_batch_size, seed=seed, process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    assert whole.steps_per_epoch == shards[0].steps_per_epoch == -(-n // global_batch_size)
+    epoch = []
+    for _ in range(whole.steps_per_epoch):
+        batch, parts = next(whole), [next(shard) for shard in shards]
+        assert batch["position"].dtype == np.int32
+        np.testing.assert_array_equal(
+            np.concatenate([p["position"] for p in parts]), batch["position"]
+        )
+        same_examples(batch)
+        epoch.append(batch["position"])
+    epoch = np.concatenate(epoch)[:n]  # the last batch may straddle into the next epoch
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+    if n > 2:
+        assert not np.array_equal(epoch, np.arange(n))  # shuffled
+    for it in [whole, *shards]:
+        it.close()
+
+
+@pytest.mark.parametrize("name, batch_size", [("digits", 64), ("multidigits", 256)])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_position_is_the_row_in_the_split(request, name, batch_size, split):
+    check_positions(request.getfixturevalue(name).splits[split], batch_size)
+
+
 # ---------------------------------------------------------------- pipeline
 
 N = 50
@@ -230,6 +282,22 @@ def test_eval_batches_cover_each_example_once(process_count):
         expected_mask = (step * 16 + np.arange(16) < N).astype(np.float32)
         np.testing.assert_array_equal(batch["mask"], expected_mask)
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(N))
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(50, 8) == 7 and steps_per_epoch(48, 8) == 6
+    assert steps_per_epoch(1, 8) == 1 and steps_per_epoch(0, 8) == 0
+    with pytest.raises(ValueError):
+        steps_per_epoch(50, 0)
+    with pytest.raises(ValueError):
+        steps_per_epoch(-1, 8)
+    assert BatchIterator(toy_source(), 7, seed=0, prefetch=0).steps_per_epoch == 8
+    shard = BatchIterator(toy_source(), 10, seed=0, process_index=1, process_count=2, prefetch=0)
+    assert shard.steps_per_epoch == 5  # global batches, whatever the process count
+    # An epoch of that many steps visits every example (the stream of the module doc).
+    it = BatchIterator(toy_source(), 7, seed=1, prefetch=0)
+    seen = np.concatenate(take(it, it.steps_per_epoch))
+    assert set(seen[:N]) == set(range(N)) and len(seen) >= N > len(seen) - 7
 
 
 def test_bad_arguments():

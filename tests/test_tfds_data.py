@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_data import check_positions
 
 from hisd_jax.data import BatchIterator, eval_batches, get_dataset
 
@@ -122,3 +123,12 @@ def test_iterators_over_tfds_sources(mock, name):
     assert len(batches) == 3 and batches[-1]["mask"].sum() == 2
     seen = np.concatenate([b["index"][b["mask"] == 1] for b in batches])
     np.testing.assert_array_equal(seen, np.arange(18))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "multimnist"])
+def test_position_is_the_row_in_the_split(mock, name):
+    data = get_dataset(name)
+    for source in data.splits.values():  # 18, 2 and 20 examples: padding, straddling epochs
+        check_positions(source, 8)
+    val = everything(data.splits["val"])  # 'index' keeps the record id; 'position' is the row
+    np.testing.assert_array_equal(val["index"], [18, 19])

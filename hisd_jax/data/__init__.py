@@ -14,8 +14,16 @@ dataset-specific extras. Images are scaled to [0, 1] and then standardised, `(x 
 their own train split; the TFDS datasets use the usual published per-channel constants
 (`tfds_sources.NORMALIZATION`).
 
-`BatchIterator` (pipeline.py) is the deterministic, sharded, checkpointable training iterator;
-`eval_batches` visits a split once with padding and a 'mask'.
+The batches of `BatchIterator` and `eval_batches` (whatever the dataset) also carry
+'position' int32 [n]: the row of the example in its split, 0..len-1, dense, so it can index
+per-example arrays of the split (`source.get_batch(position)` returns those examples again).
+'index' keeps its meaning, the source's stable id, which need not be dense or start at 0.
+`eval_batches` adds 'mask' float32 [n], 0 on padding rows.
+
+`BatchIterator` (pipeline.py) is the deterministic, sharded, checkpointable training iterator
+(`BatchIterator.steps_per_epoch`, or `steps_per_epoch(len(source), global_batch_size)`, is the
+number of global batches in an epoch); `eval_batches` visits a split once with padding and a
+'mask'.
 
 The builders are imported lazily, so importing this package does not import TFDS.
 """
@@ -28,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from hisd_jax.data.pipeline import BatchIterator, eval_batches
+from hisd_jax.data.pipeline import BatchIterator, eval_batches, steps_per_epoch
 
 __all__ = [
     "DATASETS",
@@ -38,6 +46,7 @@ __all__ = [
     "TaskInfo",
     "eval_batches",
     "get_dataset",
+    "steps_per_epoch",
 ]
 
 
@@ -57,7 +66,8 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Examples at positions `indices` (0 <= i < len) of this split, stacked."""
+        """Examples at positions `indices` (0 <= i < len) of this split, stacked (the pipeline
+        adds 'position', so a source need not)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,12 @@ concatenated into one infinite stream and global batch s is positions [s*B, (s+1
 Batches straddle epoch boundaries, so no example is dropped and each epoch is visited exactly
 once; batch s depends only on (seed, s, n, shuffle). Process p of P gets rows
 [p*B/P, (p+1)*B/P) of every global batch, so the global batch is the same for any P. The
-iterator's state is the step counter, so a resume is exact.
+iterator's state is the step counter, so a resume is exact. An epoch is
+`steps_per_epoch(n, B)` = ceil(n / B) global batches.
+
+Every batch, of the training stream and of `eval_batches`, carries 'position' int32 [n]: the
+row of each example in its split (the argument of `Source.get_batch` that produced it), set
+here so that every source has it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ import numpy as np
 
 _PUT_TIMEOUT = 0.1  # seconds between checks of the stop flag while the queue is full
 _CACHED_EPOCHS = 4  # permutations kept by _Loader
+
+
+def steps_per_epoch(source_len: int, global_batch_size: int) -> int:
+    """Global batches per epoch over `source_len` examples: ceil(source_len / global_batch_size)
+    (unless B divides n, the last one straddles into the next epoch: see the module doc)."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if source_len < 0:
+        raise ValueError(f"source_len must be >= 0, got {source_len}")
+    return -(-source_len // global_batch_size)
+
+
+def _with_positions(source, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """`source.get_batch(positions)` plus 'position' (the rows asked for, int32)."""
+    batch = source.get_batch(positions)
+    batch["position"] = np.asarray(positions, dtype=np.int32)
+    return batch
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -70,7 +92,7 @@ class _Loader:
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return self.source.get_batch(self.indices(step))
+        return _with_positions(self.source, self.indices(step))
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -124,6 +146,11 @@ class BatchIterator:
         self._seed, self._prefetch, self._step = seed, prefetch, 0
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch: ceil(len(source) / global_batch_size)."""
+        return steps_per_epoch(self._load.n, self._load.global_batch_size)
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -182,9 +209,10 @@ def eval_batches(
     """Each example of `source` once, in order, as this process's slices of global batches.
 
     The last global batch is padded to full size; every batch has 'mask' float32 (1 for real
-    rows, 0 for padding). Padding rows repeat example 0, so they are valid inputs and writing
-    per-example outputs by 'index' stays correct even without the mask. Every process yields
-    the same number of batches, ceil(len(source) / global_batch_size).
+    rows, 0 for padding) and 'position' int32 (the row in the split). Padding rows repeat
+    example 0 (position 0), so they are valid inputs and writing per-example outputs by
+    'index' or 'position' stays correct even without the mask. Every process yields the same
+    number of batches, `steps_per_epoch(len(source), global_batch_size)`.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
 
@@ -192,7 +220,7 @@ def eval_batches(
         for start in range(0, len(source), global_batch_size):
             positions = start + process_index * local + np.arange(local)
             real = positions < len(source)
-            batch = source.get_batch(np.where(real, positions, 0))
+            batch = _with_positions(source, np.where(real, positions, 0))
             batch["mask"] = real.astype(np.float32)
             yield batch
 

@@ -6,12 +6,13 @@ round(n * val_fraction) records (index arithmetic on the full split, which also 
 full TFDS train (or test) split, so it does not move when `val_fraction` changes the split sizes.
 Tasks: 'label' (10 / 10 / 100 classes) and, for cifar100, 'coarse_label' (20).
 
-multimnist (DESIGN.md): example i of a split puts record i (the left digit) at the top-left and a
-partner record of the same split at the bottom-right of a 36x36 canvas, each shifted by up to
-4 px (left at (dy, dx), right at (8 - dy', 8 - dx')), combined by pixel-wise max and resized
-bilinearly to 28x28. The partner and shifts come from `np.random.default_rng([seed,
-split_number, i])`, so each example is generated lazily and deterministically. Tasks: 'left'
-(the target) and 'right'; extras 'src_left', 'src_right' (positions in the full TFDS split).
+multimnist (MultiMNIST, Sabour et al. 2017, here at 28x28): the example of a split whose left
+digit is record i of the TFDS split puts record i at the top-left and a partner record of the
+same split at the bottom-right of a 36x36 canvas, each shifted by up to 4 px (left at (dy, dx),
+right at (8 - dy', 8 - dx')), combined by pixel-wise max and resized bilinearly to 28x28. The
+partner and shifts come from `np.random.default_rng([seed, split_number, i])`, so each example
+is generated lazily and deterministically. 'index' is i. Tasks: 'left' (the target) and
+'right'; extras 'src_left', 'src_right' (positions in the full TFDS split).
 
 Normalisation (`NORMALIZATION`, per channel, on [0, 1] pixels): the usual published training-set
 statistics; multimnist uses the MNIST ones.
