@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9",
     "flatbuffers>=24.3",  # jax.export serialization (hisd_jax.export)
     "tensorboardX>=2.6.2",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.66",  # the training progress bar
 ]
 
 setup(

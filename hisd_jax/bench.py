@@ -75,14 +75,15 @@ def device_batches(exp, n: int):
 
 def benchmark(config, steps: int = 50, warmup: int = 5) -> dict:
     """Measures the train step of `config`; returns a flat dict of numbers."""
-    from hisd_jax import train  # noqa: PLC0415
+    from hisd_jax import experiment  # noqa: PLC0415
+    from hisd_jax import steps as steps_lib  # noqa: PLC0415
 
-    exp = train.build_experiment(config)
-    state = train.init_state(exp)
-    step_fn = train.make_train_step(exp)
+    exp = experiment.build_experiment(config)
+    state = experiment.init_state(exp)
+    step_fn = steps_lib.make_train_step(exp)
     batches, data_ms = device_batches(exp, warmup + steps)
 
-    sums = train.zero_metric_sums(exp, step_fn, state, batches[0])
+    sums = steps_lib.zero_metric_sums(exp, step_fn, state, batches[0])
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, sums, batches[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -143,7 +144,8 @@ def benchmark_strategies(
     """
     import numpy as np  # noqa: PLC0415
 
-    from hisd_jax import train  # noqa: PLC0415
+    from hisd_jax import experiment  # noqa: PLC0415
+    from hisd_jax import steps as steps_lib  # noqa: PLC0415
     from hisd_jax.mtl import tasks as tasks_lib  # noqa: PLC0415
 
     parsed = []
@@ -161,7 +163,7 @@ def benchmark_strategies(
         cfg = tasks_lib.method_config(config, name, space, hparams=hparams)
         with cfg.unlocked():
             cfg.mtl.backward = backward
-        exp = train.build_experiment(cfg)
+        exp = experiment.build_experiment(cfg)
         label = tasks_lib.method_label(name, space)
         if exp.strategy.per_task_gradients and backward != "auto":
             label += f":{backward}"
@@ -171,9 +173,9 @@ def benchmark_strategies(
     batches, _ = device_batches(exp0, steps)
 
     for e in entries:
-        state = train.init_state(e["exp"])
-        step_fn = train.make_train_step(e["exp"])
-        sums = train.zero_metric_sums(e["exp"], step_fn, state, batches[0])
+        state = experiment.init_state(e["exp"])
+        step_fn = steps_lib.make_train_step(e["exp"])
+        sums = steps_lib.zero_metric_sums(e["exp"], step_fn, state, batches[0])
         t0 = time.perf_counter()
         e["step"] = step_fn.lower(state, sums, batches[0]).compile()
         e["compile_s"] = time.perf_counter() - t0

@@ -2,10 +2,10 @@
 
 `python -m hisd_jax.compare --config configs/compare_multidigits.py --workdir runs/compare`
 
-The config holds a `base` experiment config and `runs`: {name: nested overrides of
-`base`, e.g. {"objective": {"preset": "sdn"}}}. Each run trains in `<workdir>/<name>` (a finished run, one with a
-results.json, is not repeated; an interrupted one resumes). The comparison prints one
-table (per exit: FLOPs fraction and each method's test accuracy), then, for every
+The config holds a `base` experiment config and `runs`: {name: nested overrides of `base`,
+e.g. {"objective": {"preset": "sdn"}}}. Each run trains in `<workdir>/<name>` (a finished run,
+one with a results.json, is not repeated; an interrupted one resumes). The comparison prints
+one table (per exit: FLOPs fraction and each method's test accuracy), then, for every
 multi-exit run, fits early-exit thresholds on its validation split for a 1% accuracy
 tolerance and for a 50% compute budget and reports them on the test split (accuracy,
 average FLOPs, measured cascade speedup). Written to the workdir: `comparison.md`,
@@ -22,13 +22,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hisd_jax import config as config_lib
-from hisd_jax import parallel
+from hisd_jax import jsonio, parallel
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Comparison config file.", lock_config=False)
-flags.DEFINE_string("workdir", None, "Directory holding one sub-directory per run.")
-flags.DEFINE_list("only", [], "Run only these runs (default: all).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so the module imports
+    cleanly next to other entry points)."""
+    config_flags.DEFINE_config_file("config", None, "Comparison config file.", lock_config=False)
+    flags.DEFINE_string("workdir", None, "Directory holding one sub-directory per run.")
+    flags.DEFINE_list("only", [], "Run only these runs (default: all).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run_config(base, overrides, name: str = ""):
@@ -76,20 +81,20 @@ EARLY_EXIT_POINTS = {"tol": {"tolerance": 0.01}, "budget": {"budget": 0.5}}
 
 def early_exit_rows(run_dirs: dict[str, str]) -> tuple[list[str], list[list[str]], dict]:
     """Early-exit operating points of every multi-exit run (fitted on val, shown on test)."""
-    from hisd_jax import evaluate  # noqa: PLC0415
+    from hisd_jax import evaluate  # noqa: PLC0415 - defines no flags when imported
+    from hisd_jax.workdir import load_workdir  # noqa: PLC0415
 
     header = ["method", "goal", "test acc", "final-exit acc", "avg FLOPs", "exit rates", "speedup"]
     rows, reports = [], {}
     for name, run_dir in run_dirs.items():
-        exp, variables = evaluate.load_workdir(run_dir)
+        exp, variables = load_workdir(run_dir)
         if exp.model.num_exits < 2:
             continue
         for key, goal in EARLY_EXIT_POINTS.items():
             report = evaluate.early_exit_report(
                 run_dir, exp=exp, variables=variables, write=False, plot=key == "tol", **goal
             )
-            with open(os.path.join(run_dir, f"early_exit_{key}.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            jsonio.write_json(os.path.join(run_dir, f"early_exit_{key}.json"), report)
             reports[f"{name}/{key}"] = report
             t = report["test"]
             label = (
@@ -165,12 +170,12 @@ def compare(config, workdir: str, only=()) -> dict:
     table = markdown(header, rows)
     ee_header, ee_rows, _ = early_exit_rows({name: os.path.join(workdir, name) for name in results})
     ee_table = markdown(ee_header, ee_rows)
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(f"Test accuracy (%) per exit, task '{task}'.\n\n{table}\n\n")
-        f.write(
-            "Early exit (max-softmax, per-exit temperatures and thresholds fitted on the "
-            f"validation split; test split; measured cascade speedup on CPU):\n\n{ee_table}\n"
-        )
+    jsonio.write_text(
+        os.path.join(workdir, "comparison.md"),
+        f"Test accuracy (%) per exit, task '{task}'.\n\n{table}\n\n"
+        "Early exit (max-softmax, per-exit temperatures and thresholds fitted on the "
+        f"validation split; test split; measured cascade speedup on CPU):\n\n{ee_table}\n",
+    )
     summary = {
         "task": task,
         "header": header,
@@ -179,8 +184,7 @@ def compare(config, workdir: str, only=()) -> dict:
         "early_exit_rows": ee_rows,
         "train_seconds": times,
     }
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    jsonio.write_json(os.path.join(workdir, "comparison.json"), summary)
     plot(results, task, os.path.join(workdir, "accuracy_vs_flops.png"))
     return {"table": table + "\n\n" + ee_table, "results": results, "train_seconds": times}
 
@@ -200,4 +204,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -12,8 +12,10 @@ import math
 import jax
 import ml_collections
 
+from hisd_jax import models, programs
 from hisd_jax.data import DATASETS
-from hisd_jax.models import BACKBONES, DTYPES, exit_positions
+from hisd_jax.errors import ConfigError
+from hisd_jax.models import BACKBONES, DTYPES, exit_positions, model_section
 from hisd_jax.models.backbones import backbone_blocks
 from hisd_jax.models.layers import NORMS, STEMS
 from hisd_jax.mtl.strategy import BACKWARDS, GRADIENT_METHODS, SPACES, STRATEGIES
@@ -30,10 +32,6 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "mtl.backward",  # how the per-task backward passes are batched: same gradients
 )
-
-
-class ConfigError(ValueError):
-    """An invalid config; the message is one line naming the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -101,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.progress = True  # progress bar on stderr
+
+    # The training program: what one unit of work is and what happens at evaluation time
+    # (hisd_jax/programs: "standard" = one batch, one update).
+    c.program = ml_collections.ConfigDict()
+    c.program.name = "standard"
     return c
 
 
@@ -149,23 +152,31 @@ def _positive(field, value, allow_zero=False):
 
 
 def num_exits(config) -> int:
-    exits = exit_positions(model_section(config))
-    return len(exits) if config.model.cut_at < 0 else config.model.cut_at + 1
-
-
-def model_section(config):
-    """The model section with `cut_at` in the form models.build_model expects."""
-    m = config.model.to_dict()
-    m["cut_at"] = None if m["cut_at"] < 0 else m["cut_at"]
-    return ml_collections.ConfigDict(m)
+    """The number of exits of the config's model (after `model.cut_at`)."""
+    return models.num_exits(config.model)
 
 
 def validate(config, num_devices: int | None = None) -> None:
-    """Raises ConfigError for the first invalid field. Touches nothing on disk."""
+    """Raises ConfigError for the first invalid field. Touches nothing on disk, compiles nothing.
+
+    `num_devices` (default: `jax.device_count()`) must divide the global batch sizes.
+    """
+    _validate_data(config)
+    _validate_model(config)
+    _validate_objective(config)
+    _validate_mtl(config)
+    _validate_optimizer(config)
+    _validate_train(config, jax.device_count() if num_devices is None else num_devices)
+    _one_of("program.name", config.program.name, programs.PROGRAMS)
+
+
+def _validate_data(config) -> None:
     _one_of("data.name", config.data.name, DATASETS)
     if not config.data.tasks:
         raise ConfigError("data.tasks is empty: name at least one task of the data set")
 
+
+def _validate_model(config) -> None:
     m = config.model
     _one_of("model.name", m.name, BACKBONES)
     _one_of("model.norm", m.norm, NORMS)
@@ -192,7 +203,6 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ConfigError(
             f"model.cut_at={m.cut_at} must be -1 (full model) or an exit index in 0..{len(exits) - 1}"
         )
-
     for task, chosen in m.task_exits.items():
         if task not in config.data.tasks:
             raise ConfigError(f"model.task_exits names {task!r}, which is not in data.tasks")
@@ -205,6 +215,8 @@ def validate(config, num_devices: int | None = None) -> None:
                 f"model.task_exits.{task}={tuple(chosen)} must be increasing exit indices in 0..{len(exits) - 1}"
             )
 
+
+def _validate_objective(config) -> None:
     o = config.objective
     _one_of("objective.preset", o.preset, PRESETS)
     for field in ("kd", "hier", "feat"):
@@ -212,12 +224,14 @@ def validate(config, num_devices: int | None = None) -> None:
             _positive(f"objective.{field}", o[field], allow_zero=True)
     if o.temperature is not None:
         _positive("objective.temperature", o.temperature)
-    if o.ce is not None and not m.task_exits:
+    if o.ce is not None and not config.model.task_exits:
         if len(o.ce) != num_exits(config) or any(w < 0 for w in o.ce):
             raise ConfigError(
                 f"objective.ce={tuple(o.ce)} must have {num_exits(config)} weights >= 0, one per exit"
             )
 
+
+def _validate_mtl(config) -> None:
     _one_of("mtl.method", config.mtl.method, STRATEGIES)
     _one_of("mtl.space", config.mtl.space, SPACES)
     _one_of("mtl.backward", config.mtl.backward, BACKWARDS)
@@ -228,6 +242,8 @@ def validate(config, num_devices: int | None = None) -> None:
         )
     check_metrics_field(config.mtl.get("metrics") or {}, tuple(config.data.tasks))
 
+
+def _validate_optimizer(config) -> None:
     opt = config.optimizer
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
     _one_of("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -236,6 +252,8 @@ def validate(config, num_devices: int | None = None) -> None:
     _positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
     _positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
 
+
+def _validate_train(config, devices: int) -> None:
     t = config.train
     for field in (
         "steps",
@@ -247,16 +265,26 @@ def validate(config, num_devices: int | None = None) -> None:
     ):
         _positive(f"train.{field}", t[field])
     _positive("train.eval_every", t.eval_every, allow_zero=True)
-    if opt.warmup_steps >= t.steps:
-        raise ConfigError(
-            f"optimizer.warmup_steps={opt.warmup_steps} must be < train.steps={t.steps}"
-        )
-    devices = jax.device_count() if num_devices is None else num_devices
+    warmup = config.optimizer.warmup_steps
+    if warmup >= t.steps:
+        raise ConfigError(f"optimizer.warmup_steps={warmup} must be < train.steps={t.steps}")
     for field in ("batch_size", "eval_batch_size"):
         if t[field] % devices:
             raise ConfigError(
                 f"train.{field}={t[field]} must be divisible by the device count ({devices})"
             )
+
+
+def fill_defaults(stored: dict, defaults: dict) -> dict:
+    """`stored` (a config as nested dicts) with the fields it lacks taken from `defaults`:
+    a workdir written before a field was added to `base_config` ran with its default."""
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = fill_defaults(out[key], value)
+    return out
 
 
 def diff(a: dict, b: dict, prefix="") -> list[str]:

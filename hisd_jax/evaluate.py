@@ -2,8 +2,8 @@
 
   python -m hisd_jax.evaluate --workdir DIR --policy max_softmax [--tolerance 0.01 | --budget 0.5]
 
-Loads DIR/config.json and the latest checkpoint, runs the model once over the validation
-and test splits collecting every exit's logits, and then, on the host:
+Loads DIR/config.json and the latest checkpoint (`workdir.load_workdir`), runs the model once
+over the validation and test splits collecting every exit's logits, and then, on the host:
   1. fits one temperature per exit on validation data (unless --nocalibrate) and reports
      each exit's ECE before and after scaling;
   2. fits the policy's thresholds (or the patience) on validation data for the goal:
@@ -14,85 +14,31 @@ and test splits collecting every exit's logits, and then, on the host:
      cascade cost of exiting at e is segments <= e + heads <= e, from XLA's cost analysis);
   4. runs the compacting cascade (`inference/cascade.py`) on the test set, checks that it
      agrees with the mask-based policy, and measures its wall-clock throughput against the
-     full model (same batch size, after warm-up).
+     full model (same batch size, after warm-up; --nospeed skips this step).
 It prints a table, writes DIR/early_exit.json and DIR/early_exit.png (accuracy against
 average compute for a shared threshold swept over the validation confidences, the chosen
 operating point marked). `early_exit_report(workdir, ...)` does the same from Python.
+A bad flag, or a workdir or task that cannot be used, ends with one line on stderr and exit
+code 2.
 """
 
-import argparse
-import json
 import math
 import os
 import time
 
-import jax
-import ml_collections
 import numpy as np
+from absl import app, flags
 
-from hisd_jax import parallel, train
-from hisd_jax import config as config_lib
-from hisd_jax.data import eval_batches
+from hisd_jax import cli, config as config_lib
+from hisd_jax import jsonio
 from hisd_jax.inference import calibration, cascade, policies, thresholds
 from hisd_jax.inference import cost as cost_lib
+from hisd_jax.workdir import load_workdir, split_arrays
 
+FLAGS = flags.FLAGS
+PROG = "hisd_jax.evaluate"
 GOAL_DEFAULT = ("tolerance", 0.01)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The workdir's config.json; fields added to `base_config` since the run take defaults."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-
-    def fill(stored, defaults):
-        for key, value in defaults.items():
-            if key not in stored:
-                stored[key] = value
-            elif isinstance(value, ml_collections.ConfigDict) and isinstance(
-                stored[key], ml_collections.ConfigDict
-            ):
-                fill(stored[key], value)
-
-    fill(config, config_lib.base_config())
-    return config
-
-
-def load_workdir(workdir: str):
-    """(Experiment, variables {'params', 'batch_stats'}) of a workdir's latest checkpoint.
-
-    Only what inference needs is taken from the checkpoint (not the optimizer or MTL
-    strategy state); its structure is checked against the model of config.json.
-    """
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    exp = train.build_experiment(load_config(workdir))
-    replicated = parallel.replicated(exp.mesh)
-    like = jax.eval_shape(lambda: train.init_state(exp))
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    variables = {}
-    for key in ("params", "batch_stats"):
-        got = saved.state.get(key) or {}
-        if jax.tree.structure(got) != jax.tree.structure(getattr(like, key)):
-            raise ValueError(
-                f"checkpoint {key} in {directory} do not match the model of config.json"
-            )
-        variables[key] = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), got)
-    return exp, variables
-
-
-def split_arrays(exp, split: str, label_key: str):
-    """Host images [N, ...] and labels [N] of a whole split (read once, in order)."""
-    images, labels = [], []
-    for batch in eval_batches(exp.dataset.splits[split], exp.config.train.eval_batch_size):
-        real = batch["mask"] > 0
-        images.append(batch["image"][real])
-        labels.append(batch[label_key][real])
-    return np.concatenate(images), np.concatenate(labels)
+SPLITS = ("val", "test")  # fitted on the first, reported on both
 
 
 _PIECES = {}
@@ -150,6 +96,161 @@ def _split_summary(exit_idx, preds, labels, cost, reference):
     }
 
 
+def collect_logits(exp, variables, task: str, label_key: str, batch_size: int) -> dict:
+    """One forward pass per split collecting every exit's logits.
+
+    Returns {split: {'images' [N, ...], 'labels' [N], 'logits' [E, N, C]}} for val and test.
+    """
+    data = {}
+    for split in SPLITS:
+        images, labels = split_arrays(exp, split, label_key)
+        logits = cascade.all_exit_logits(exp.model, variables, images, task, batch_size)
+        data[split] = {"images": images, "labels": labels, "logits": logits}
+    return data
+
+
+def calibrate_exits(data: dict, policy: str, calibrate: bool) -> tuple[dict, np.ndarray]:
+    """Temperature scaling per exit, fitted on validation (all ones without `calibrate`).
+
+    Returns the report's 'calibration' section (temperatures, whether the policy applies them
+    (patience ignores confidences), ECE before/after per split) and the temperatures the
+    policy uses.
+    """
+    num_exits = data["val"]["logits"].shape[0]
+    temps = np.ones(num_exits)
+    if calibrate:
+        temps = calibration.fit_temperatures(data["val"]["logits"], data["val"]["labels"])
+    calib = {"temperatures": temps, "applied": bool(calibrate and policy != "patience")}
+    for split, d in data.items():
+        rep = calibration.calibration_report(d["logits"], d["labels"], temps)
+        calib[split] = {"ece_before": rep["ece_before"], "ece_after": rep["ece_after"]}
+    return calib, temps if calib["applied"] else np.ones(num_exits)
+
+
+def add_predictions(data: dict, policy: str, temperatures: np.ndarray) -> None:
+    """Adds to each split's entry 'preds' and 'correct' [E, N] of every exit and, for a
+    threshold policy, 'conf' [E, N], the confidences of the temperature-scaled logits."""
+    for d in data.values():
+        z = d["logits"].astype(np.float64)
+        d["preds"] = z.argmax(-1)
+        d["correct"] = d["preds"] == d["labels"][None]
+        if policy != "patience":
+            d["conf"] = policies.confidence(z / temperatures[:, None, None], policy)
+
+
+def fit_policy(data: dict, policy: str, cost, goal: str, value: float, search: str):
+    """Fits the policy's thresholds (or patience) on validation for the goal.
+
+    Returns (fit, rule, curves): `thresholds.fit_*`'s result, the rule as keyword arguments
+    of `cascade.mask_policy` / `Cascade` ({'thresholds': ...} or {'patience': ...}), and per
+    split the accuracy/compute trade-off curve of the rule's family.
+    """
+    val = data["val"]
+    if policy == "patience":
+        fit = thresholds.fit_patience(val["preds"], val["correct"], cost, goal=goal, value=value)
+        rule = {"patience": fit["patience"]}
+        curves = {
+            s: thresholds.patience_outcomes(d["preds"], d["correct"], cost) for s, d in data.items()
+        }
+    else:
+        fit = thresholds.fit_thresholds(
+            val["conf"], val["correct"], cost, goal=goal, value=value, search=search
+        )
+        rule = {"thresholds": fit["thresholds"]}
+        curves = {
+            s: thresholds.tradeoff_curve(d["conf"], d["correct"], cost) for s, d in data.items()
+        }
+    return fit, rule, curves
+
+
+def summarize_splits(data: dict, policy: str, rule: dict, temperatures, cost, feasible) -> dict:
+    """Applies the fitted rule to each split (mask-based): accuracy, final-exit accuracy, drop,
+    exit rates, average FLOPs fraction. Adds each split's 'exit_idx' and 'policy_preds' to
+    `data`; the validation summary records whether the fit met the goal."""
+    summary = {}
+    for split, d in data.items():
+        exit_idx, preds, _ = cascade.mask_policy(
+            d["logits"], policy, temperatures=temperatures, **rule
+        )
+        d["exit_idx"], d["policy_preds"] = exit_idx, preds
+        reference = float(d["correct"][-1].mean())
+        summary[split] = _split_summary(exit_idx, preds, d["labels"], cost, reference)
+    summary["val"]["feasible"] = feasible
+    return summary
+
+
+def measure_cascade(
+    exp,
+    variables,
+    task: str,
+    policy: str,
+    test: dict,
+    rule: dict,
+    temperatures,
+    pieces: dict,
+    costs: dict,
+    test_flops_fraction: float,
+    *,
+    batch_size: int,
+    buckets: str,
+    min_bucket: int,
+    repeats: int,
+) -> dict:
+    """Runs the compacting cascade on the test split: its wall-clock throughput against the
+    full model (`cascade.measure_speed`), the FLOPs it ran, and its agreement with the
+    mask-based policy (`test` must hold 'exit_idx' and 'policy_preds')."""
+    t0 = time.perf_counter()
+    runner = cascade.Cascade(
+        exp.model,
+        variables,
+        task,
+        policy,
+        batch_size=batch_size,
+        buckets=buckets,
+        min_bucket=min_bucket,
+        pieces=pieces,
+    )
+    out = runner(test["images"], temperatures=temperatures, **rule)
+    speed = cascade.measure_speed(
+        runner, test["images"], temperatures=temperatures, repeats=repeats, **rule
+    )
+    speed.update(
+        flops_speedup=1.0 / test_flops_fraction,
+        cascade_avg_flops_fraction=out["flops_per_example"] / costs["full"],
+        cascade_padded_flops_fraction=out["padded_flops_per_example"] / costs["full"],
+        agreement_exits=float(np.mean(out["exit_idx"] == test["exit_idx"])),
+        agreement_preds=float(np.mean(out["preds"] == test["policy_preds"])),
+        cascade_accuracy=float(np.mean(out["preds"] == test["labels"])),
+        stage_sizes=out["stage_sizes"],
+        wall_s=time.perf_counter() - t0,
+    )
+    return speed
+
+
+def per_exit_table(data: dict, costs: dict, pieces: dict) -> dict:
+    """The report's 'per_exit' section: each exit's accuracy alone and its costs."""
+    return {
+        "val_accuracy": data["val"]["correct"].mean(axis=1),
+        "test_accuracy": data["test"]["correct"].mean(axis=1),
+        "flops": costs["standalone"],
+        "standalone_fraction": costs["fraction"],
+        "cascade_flops": costs["cascade"],
+        "cascade_fraction": costs["cascade_fraction"],
+        "segment_flops": pieces["segments"],
+        "head_flops": pieces["heads"],
+    }
+
+
+def write_outputs(report: dict, workdir: str, *, write: bool, plot: bool) -> None:
+    """The plot (its path recorded in `report['plot']`) and early_exit.json, as asked."""
+    if plot:
+        png = os.path.join(workdir, "early_exit.png")
+        plot_tradeoff(report, png)
+        report["plot"] = png
+    if write:
+        jsonio.write_json(os.path.join(workdir, "early_exit.json"), report)
+
+
 def early_exit_report(
     workdir: str,
     policy: str = "max_softmax",
@@ -175,8 +276,8 @@ def early_exit_report(
 
     `policy`: max_softmax, margin, neg_entropy or patience. Exactly one of `tolerance` (accuracy
     drop allowed vs the final exit) or `budget` (fraction of the full model's FLOPs); neither
-    means tolerance 0.01. `exp` and `variables` (as `load_workdir` returns them) may be passed
-    to skip loading the workdir.
+    means tolerance 0.01. `exp` and `variables` (as `workdir.load_workdir` returns them) may be
+    passed to skip loading the workdir.
     """
     t0 = time.perf_counter()
     if policy not in cascade.POLICIES:
@@ -185,102 +286,37 @@ def early_exit_report(
     if exp is None or variables is None:
         exp, variables = load_workdir(workdir)
     info = _task(exp, task)
-    model, names = exp.model, list(exp.exit_names)
-    num_exits = len(names)
-
-    # One forward per split collecting every exit's logits.
-    data = {}
-    for split in ("val", "test"):
-        images, labels = split_arrays(exp, split, info.label_key)
-        logits = cascade.all_exit_logits(model, variables, images, info.name, batch_size)
-        data[split] = {"images": images, "labels": labels, "logits": logits}
+    data = collect_logits(exp, variables, info.name, info.label_key, batch_size)
     t_forward = time.perf_counter() - t0
 
-    pieces = _piece_flops(model, variables, tuple(exp.dataset.image_shape))
+    pieces = _piece_flops(exp.model, variables, tuple(exp.dataset.image_shape))
     costs = cost_lib.exit_costs(pieces)
     cost = costs["cascade_fraction"]
-
-    temps = np.ones(num_exits)
-    if calibrate:
-        temps = calibration.fit_temperatures(data["val"]["logits"], data["val"]["labels"])
-    calib = {"temperatures": temps, "applied": bool(calibrate and policy != "patience")}
-    for split, d in data.items():
-        rep = calibration.calibration_report(d["logits"], d["labels"], temps)
-        calib[split] = {"ece_before": rep["ece_before"], "ece_after": rep["ece_after"]}
-    used_temps = temps if calib["applied"] else np.ones(num_exits)
-
-    for d in data.values():
-        z = d["logits"].astype(np.float64)
-        d["preds"] = z.argmax(-1)
-        d["correct"] = d["preds"] == d["labels"][None]
-        if policy != "patience":
-            d["conf"] = policies.confidence(z / used_temps[:, None, None], policy)
-    val, test = data["val"], data["test"]
-    reference = {s: float(d["correct"][-1].mean()) for s, d in data.items()}
-
-    if policy == "patience":
-        fit = thresholds.fit_patience(val["preds"], val["correct"], cost, goal=goal, value=value)
-        rule = {"patience": fit["patience"]}
-        curves = {
-            s: thresholds.patience_outcomes(d["preds"], d["correct"], cost) for s, d in data.items()
-        }
-    else:
-        fit = thresholds.fit_thresholds(
-            val["conf"], val["correct"], cost, goal=goal, value=value, search=search
-        )
-        rule = {"thresholds": fit["thresholds"]}
-        curves = {
-            s: thresholds.tradeoff_curve(d["conf"], d["correct"], cost) for s, d in data.items()
-        }
+    calib, temps = calibrate_exits(data, policy, calibrate)
+    add_predictions(data, policy, temps)
+    fit, rule, curves = fit_policy(data, policy, cost, goal, value, search)
     t_fit = time.perf_counter() - t0 - t_forward
 
-    summary = {}
-    for split, d in data.items():
-        exit_idx, preds, _ = cascade.mask_policy(
-            d["logits"], policy, temperatures=used_temps, **rule
-        )
-        d["exit_idx"], d["policy_preds"] = exit_idx, preds
-        summary[split] = _split_summary(exit_idx, preds, d["labels"], cost, reference[split])
-    summary["val"]["feasible"] = fit["feasible"]
-
+    summary = summarize_splits(data, policy, rule, temps, cost, fit["feasible"])
     speed = None
     if measure_speed:
-        t1 = time.perf_counter()
-        runner = cascade.Cascade(
-            model,
+        speed = measure_cascade(
+            exp,
             variables,
             info.name,
             policy,
+            data["test"],
+            rule,
+            temps,
+            pieces,
+            costs,
+            summary["test"]["avg_flops_fraction"],
             batch_size=batch_size,
             buckets=buckets,
             min_bucket=min_bucket,
-            pieces=pieces,
-        )
-        out = runner(test["images"], temperatures=used_temps, **rule)
-        speed = cascade.measure_speed(
-            runner, test["images"], temperatures=used_temps, repeats=speed_repeats, **rule
-        )
-        speed.update(
-            flops_speedup=1.0 / summary["test"]["avg_flops_fraction"],
-            cascade_avg_flops_fraction=out["flops_per_example"] / costs["full"],
-            cascade_padded_flops_fraction=out["padded_flops_per_example"] / costs["full"],
-            agreement_exits=float(np.mean(out["exit_idx"] == test["exit_idx"])),
-            agreement_preds=float(np.mean(out["preds"] == test["policy_preds"])),
-            cascade_accuracy=float(np.mean(out["preds"] == test["labels"])),
-            stage_sizes=out["stage_sizes"],
-            wall_s=time.perf_counter() - t1,
+            repeats=speed_repeats,
         )
 
-    per_exit = {
-        "val_accuracy": val["correct"].mean(axis=1),
-        "test_accuracy": test["correct"].mean(axis=1),
-        "flops": costs["standalone"],
-        "standalone_fraction": costs["fraction"],
-        "cascade_flops": costs["cascade"],
-        "cascade_fraction": costs["cascade_fraction"],
-        "segment_flops": pieces["segments"],
-        "head_flops": pieces["heads"],
-    }
     report = {
         "workdir": os.path.abspath(workdir),
         "name": exp.config.name,
@@ -289,9 +325,9 @@ def early_exit_report(
         "goal": goal,
         "value": value,
         "search": search if policy != "patience" else None,
-        "exits": names,
+        "exits": list(exp.exit_names),
         "full_flops": costs["full"],
-        "per_exit": per_exit,
+        "per_exit": per_exit_table(data, costs, pieces),
         "calibration": calib,
         **rule,
         "val": summary["val"],
@@ -307,15 +343,7 @@ def early_exit_report(
         "num_examples": {s: int(d["labels"].shape[0]) for s, d in data.items()},
     }
     report = _jsonable(report)
-    if plot:
-        png = os.path.join(workdir, "early_exit.png")
-        plot_tradeoff(report, png)
-        report["plot"] = png
-    if write:
-        path = os.path.join(workdir, "early_exit.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(path + ".tmp", path)
+    write_outputs(report, workdir, write=write, plot=plot)
     return report
 
 
@@ -416,45 +444,55 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m hisd_jax.evaluate", description="Early-exit evaluation of a workdir."
-    )
-    p.add_argument("--workdir", required=True, help="trained workdir (config.json + checkpoints/)")
-    p.add_argument("--policy", default="max_softmax", choices=cascade.POLICIES)
-    goal = p.add_mutually_exclusive_group()
-    goal.add_argument("--tolerance", type=float, help="accuracy drop allowed (default 0.01)")
-    goal.add_argument("--budget", type=float, help="average compute, fraction of the full model")
-    p.add_argument("--no_calibrate", dest="calibrate", action="store_false",
-                   help="no per-exit temperature scaling")  # fmt: skip
-    p.add_argument("--task", help="task whose exits are evaluated (default: the first)")
-    p.add_argument("--search", default="per_exit", choices=thresholds.SEARCHES)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--buckets", default="pow2", choices=cascade.BUCKETS)
-    p.add_argument("--speed_repeats", type=int, default=3, help="timed passes of each model")
-    p.add_argument("--no_speed", dest="speed", action="store_false",
-                   help="skip the throughput measurement")  # fmt: skip
-    return p.parse_args(argv)
+# Spellings of the argparse version of this command, still accepted.
+RENAMED_FLAGS = {"--no_calibrate": "--nocalibrate", "--no_speed": "--nospeed"}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    report = early_exit_report(
-        args.workdir,
-        args.policy,
-        args.tolerance,
-        args.budget,
-        args.calibrate,
-        task=args.task,
-        search=args.search,
-        batch_size=args.batch_size,
-        buckets=args.buckets,
-        measure_speed=args.speed,
-        speed_repeats=args.speed_repeats,
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so that importing this
+    module, e.g. from `compare`, defines no flags next to another entry point's)."""
+    flags.DEFINE_string("workdir", None, "Trained workdir (config.json + checkpoints/).")
+    flags.DEFINE_enum("policy", "max_softmax", cascade.POLICIES, "Early-exit policy.")
+    flags.DEFINE_float("tolerance", None, "Accuracy drop allowed vs the final exit (default 0.01).")
+    flags.DEFINE_float("budget", None, "Average compute, a fraction of the full model's FLOPs.")
+    flags.DEFINE_bool(
+        "calibrate", True, "Per-exit temperature scaling; --nocalibrate (or --no_calibrate): none."
     )
+    flags.DEFINE_string("task", None, "Task whose exits are evaluated (default: the first).")
+    flags.DEFINE_enum("search", "per_exit", thresholds.SEARCHES, "Threshold search.")
+    flags.DEFINE_integer("batch_size", 256, "Batch size of the forward passes.", lower_bound=1)
+    flags.DEFINE_enum("buckets", "pow2", cascade.BUCKETS, "Bucket sizes of the cascade.")
+    flags.DEFINE_integer("speed_repeats", 3, "Timed passes of each model.", lower_bound=1)
+    flags.DEFINE_bool(
+        "speed", True, "Measure the cascade's throughput; --nospeed (or --no_speed): skip it."
+    )
+    flags.mark_flag_as_required("workdir")
+    flags.mark_flags_as_mutual_exclusive(["tolerance", "budget"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        report = early_exit_report(
+            FLAGS.workdir,
+            FLAGS.policy,
+            FLAGS.tolerance,
+            FLAGS.budget,
+            FLAGS.calibrate,
+            task=FLAGS.task,
+            search=FLAGS.search,
+            batch_size=FLAGS.batch_size,
+            buckets=FLAGS.buckets,
+            measure_speed=FLAGS.speed,
+            speed_repeats=FLAGS.speed_repeats,
+        )
+    except (OSError, ValueError, config_lib.ConfigError) as e:  # no workdir, unknown --task, ...
+        cli.fail(PROG, e)
     print(format_report(report))
-    print(f"\nwrote {os.path.join(args.workdir, 'early_exit.json')} and {report['plot']}")
+    print(f"\nwrote {os.path.join(FLAGS.workdir, 'early_exit.json')} and {report['plot']}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.flags_parser(PROG, RENAMED_FLAGS))

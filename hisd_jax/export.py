@@ -20,24 +20,27 @@ Inputs are the data set's preprocessed images (what the training pipeline feeds 
 
 --report prints for every exit its parameter count, FLOPs, test accuracy, latency per batch and
 peak memory (the compiled program's argument + output + temporary bytes from XLA's memory
-analysis) and writes DIR/export_report.json.
+analysis) and writes DIR/export_report.json; it combines with --exit and --out. A bad flag, or a
+workdir or exit that cannot be used, ends with one line on stderr and exit code 2.
 """
 
-import argparse
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from hisd_jax import config as config_lib
-from hisd_jax.evaluate import load_workdir, split_arrays
+from hisd_jax import cli, config as config_lib
+from hisd_jax import jsonio
 from hisd_jax.inference import cascade
 from hisd_jax.inference import cost as cost_lib
-from hisd_jax.models import build_model
+from hisd_jax.models import build_model, labels, model_section
+from hisd_jax.workdir import load_workdir, split_arrays
 
+FLAGS = flags.FLAGS
+PROG = "hisd_jax.export"
 SEP = "/"
 MODEL_FILE, PARAMS_FILE = "model.jaxexport", "params.npz"
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -58,7 +61,7 @@ def exit_index(exp, exit_name) -> int:
 
 def cut_model(exp, e: int):
     """The model cut at exit e (`build_model(..., cut_at=e)`)."""
-    return build_model(config_lib.model_section(exp.config), exp.tasks, cut_at=e)
+    return build_model(model_section(exp.config), exp.tasks, cut_at=e)
 
 
 def _subset(full, like, path=()):
@@ -81,14 +84,22 @@ def cut_variables(exp, variables, e: int, standalone: bool = True) -> dict:
     model = cut_model(exp, e)
     x = jax.ShapeDtypeStruct((1, *exp.dataset.image_shape), jnp.float32)
     like = jax.eval_shape(model.init, jax.random.key(0), x)
+    param_labels = model.param_labels(like["params"])
+
+    def needed(label):
+        if standalone:
+            return labels.needed_by_exit(label, e)
+        return labels.role(label) != labels.PROJ and labels.exit_of(label) <= e
+
+    # Other collections (BatchNorm statistics) follow the top-level entries params keep.
+    keep = {k for k, sub in param_labels.items() if any(map(needed, jax.tree.leaves(sub)))}
     full = jax.device_get(variables)
-    keep = {f"segments_{i}" for i in range(e + 1)} | {f"heads_{e}"}
-    if not standalone:
-        keep |= {f"heads_{i}" for i in range(e)}
     out = {}
     for col, tree in like.items():
-        tree = {k: v for k, v in tree.items() if k in keep}
-        tree = {k: {n: m for n, m in v.items() if n != "proj"} for k, v in tree.items()}
+        if col == "params":
+            tree = labels.select(tree, param_labels, needed)
+        else:
+            tree = {k: v for k, v in tree.items() if k in keep}
         if tree:
             out[col] = _subset(full[col], tree, (col,))
     return out
@@ -177,8 +188,7 @@ def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=No
             "params = dict(np.load('params.npz')); logits = exported.call(params, images)"
         ),
     }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    jsonio.write_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
 
@@ -230,8 +240,7 @@ def exit_report(
         rows.append(row)
     report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,
               "split": split, "exits": rows}  # fmt: skip
-    with open(os.path.join(workdir, "export_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    jsonio.write_json(os.path.join(workdir, "export_report.json"), report)
     return report
 
 
@@ -252,31 +261,44 @@ def format_exit_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m hisd_jax.export", description="Standalone per-exit models and costs."
-    )
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--exit", help="exit name (exit0, ...) or index to export")
-    p.add_argument("--out", help="output directory of the standalone model")
-    p.add_argument("--report", action="store_true", help="print every exit's costs")
-    p.add_argument("--batch_size", type=int, default=256, help="batch of the latency report")
-    args = p.parse_args(argv)
-    if not args.report and (args.exit is None or args.out is None):
-        p.error("give --exit and --out, or --report")
-    exp, variables = load_workdir(args.workdir)
-    if args.exit is not None:
-        if args.out is None:
-            p.error("--exit needs --out")
-        meta = export_exit(args.workdir, args.exit, args.out, exp=exp, variables=variables)
-        print(
-            f"exported {meta['exit']} ({meta['params']} parameters, platforms "
-            f"{', '.join(meta['platforms'])}) to {args.out}"
-        )
-    if args.report:
-        report = exit_report(args.workdir, args.batch_size, exp=exp, variables=variables)
-        print(format_exit_report(report))
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so that importing this
+    module defines no flags next to another entry point's)."""
+    flags.DEFINE_string("workdir", None, "Trained workdir (config.json + checkpoints/).")
+    flags.DEFINE_string("exit", None, "Exit name (exit0, ...) or index to export.")
+    flags.DEFINE_string("out", None, "Output directory of the standalone model.")
+    flags.DEFINE_bool("report", False, "Print every exit's costs (and write export_report.json).")
+    flags.DEFINE_integer("batch_size", 256, "Batch of the latency report.", lower_bound=1)
+    flags.mark_flag_as_required("workdir")
+    flags.register_multi_flags_validator(["exit", "out", "report"], _check_outputs)
+
+
+def _check_outputs(values: dict) -> bool:
+    if values["exit"] is not None and values["out"] is None:
+        raise flags.ValidationError("--exit needs --out")
+    if values["exit"] is None and not values["report"]:
+        raise flags.ValidationError("give --exit and --out, or --report")
+    return True
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        exp, variables = load_workdir(FLAGS.workdir)
+        if FLAGS.exit is not None:
+            meta = export_exit(FLAGS.workdir, FLAGS.exit, FLAGS.out, exp=exp, variables=variables)
+            print(
+                f"exported {meta['exit']} ({meta['params']} parameters, platforms "
+                f"{', '.join(meta['platforms'])}) to {FLAGS.out}"
+            )
+        if FLAGS.report:
+            report = exit_report(FLAGS.workdir, FLAGS.batch_size, exp=exp, variables=variables)
+            print(format_exit_report(report))
+    except (OSError, ValueError, config_lib.ConfigError) as e:  # no workdir, unknown --exit, ...
+        cli.fail(PROG, e)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.flags_parser(PROG))

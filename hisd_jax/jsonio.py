@@ -1,7 +1,7 @@
-"""Result files as JSON, written atomically and by one process.
+"""Result files (JSON, text tables), written atomically and by one process.
 
-`write_json(path, obj)` serialises `obj` into a temporary file next to `path`, flushes and
-fsyncs it, then renames it over `path` (`os.replace`), so a reader (or a rerun after a crash)
+`write_json(path, obj)` (and `write_text(path, text)`) writes into a temporary file next to
+`path`, flushes and fsyncs it, then renames it over `path` (`os.replace`), so a reader (or a rerun after a crash)
 sees either the previous file or the complete new one, never a partial one; a failed write
 leaves the previous file as it was and no temporary file behind. Only process 0 of a
 multi-process JAX run writes; on the others it does nothing, so every process may call it.
@@ -23,6 +23,20 @@ def write_json(path: str, obj, *, indent: int | None = 2) -> None:
     Values json does not know are converted with `float` (numpy scalars, 0-d arrays); anything
     else that json cannot serialise raises, and `path` is left untouched.
     """
+
+    def dump(f):
+        json.dump(obj, f, indent=indent, default=float)
+        f.write("\n")
+
+    _write_atomic(path, dump)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically, on process 0 only (tables such as sweep.md)."""
+    _write_atomic(path, lambda f: f.write(text))
+
+
+def _write_atomic(path: str, write) -> None:
     if jax.process_index() != 0:
         return
     path = os.fspath(path)
@@ -34,8 +48,7 @@ def write_json(path: str, obj, *, indent: int | None = 2) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=float)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

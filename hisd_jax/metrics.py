@@ -1,4 +1,4 @@
-"""Metric writers (JSONL + TensorBoard), a progress bar, and evaluation sums.
+"""Metric writers (JSONL + TensorBoard), the progress bar (tqdm), and evaluation sums.
 
 Only process 0 writes. `metrics.jsonl` holds one JSON object per event with at
 least `step` and `split`; TensorBoard event files are written with tensorboardX,
@@ -9,11 +9,11 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 ECE_BINS = 15
 
@@ -48,33 +48,30 @@ class MetricWriter:
 
 
 class Progress:
-    """A one-line progress bar with steps/s and ETA (plain log lines when not a tty)."""
+    """The training progress bar (tqdm on stderr: steps/s, ETA, the latest logged loss).
+
+    Only process 0 shows it; `enabled=False` (config `train.progress`) turns it off.
+    """
 
     def __init__(self, total: int, start: int, enabled: bool = True, label: str = "train"):
-        self.total, self.start, self.label = total, start, label
-        self.enabled = enabled and jax.process_index() == 0
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
+        self._bar = tqdm.tqdm(
+            total=total,
+            initial=start,
+            desc=label,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (enabled and jax.process_index() == 0),
+        )
 
     def update(self, step: int, loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        loss_txt = f" loss {loss:.4f}" if loss is not None else ""
-        eta_txt = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
-        line = (
-            f"{self.label} [{bar}] {step}/{self.total} {rate:6.1f} steps/s ETA {eta_txt}{loss_txt}"
-        )
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
+        """Moves the bar to `step` and shows `loss`."""
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+        self._bar.close()
 
 
 def ece_bin(conf, num_bins: int):

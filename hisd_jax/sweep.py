@@ -6,8 +6,9 @@
 
 A method is `name` or `name@space` (`pcgrad@rep`: per-task gradients with respect to the
 shared representation); `--space rep` sets the default space of the gradient methods;
-`--methods=` (empty) trains only the single-task baselines. Methods run with their default hyper-parameters, except the config's own method, which keeps
-`mtl.hparams` (so `static` needs a config with `mtl.method='static'` and its weights).
+`--methods=` (empty) trains only the single-task baselines. Methods run with their default
+hyper-parameters, except the config's own method, which keeps `mtl.hparams` (so `static`
+needs a config with `mtl.method='static'` and its weights).
 Every run is the experiment config with only the method (`mtl.method/space/hparams`) or,
 for a single-task baseline, the task set changed (`mtl.tasks.single_task_config`: only
 that task, EW; same model, objective, optimizer, steps and batch size), and its seed set
@@ -50,25 +51,33 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hisd_jax import config as config_lib
-from hisd_jax import parallel
+from hisd_jax import jsonio, parallel
 from hisd_jax.mtl import delta_m as delta_m_lib
 from hisd_jax.mtl import tasks as tasks_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "MTL experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory holding one sub-directory per run.")
-flags.DEFINE_list(
-    "methods", None, "MTL methods, name or name@space (e.g. ew,uw,pcgrad@rep); '' = baselines only."
-)
-flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) for every method and baseline.")
-flags.DEFINE_string("space", None, "Default space of gradient methods (default: the config's).")
-flags.DEFINE_bool("train", True, "Train missing runs; --notrain only summarises finished ones.")
-flags.DEFINE_string(
-    "compilation_cache",
-    "<workdir>/.jax_cache",
-    "Persistent XLA compilation cache shared by the runs (seeds reuse it); '' disables.",
-)
-flags.mark_flags_as_required(["config", "workdir", "methods"])
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so the module imports
+    cleanly next to other entry points)."""
+    config_flags.DEFINE_config_file("config", None, "MTL experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory holding one sub-directory per run.")
+    flags.DEFINE_list(
+        "methods",
+        None,
+        "MTL methods, name or name@space (e.g. ew,uw,pcgrad@rep); '' = baselines only.",
+    )
+    flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) for every method and baseline.")
+    flags.DEFINE_string("space", None, "Default space of gradient methods (default: the config's).")
+    flags.DEFINE_bool("train", True, "Train missing runs; --notrain only summarises finished ones.")
+    flags.DEFINE_string(
+        "compilation_cache",
+        "<workdir>/.jax_cache",
+        "Persistent XLA compilation cache shared by the runs (seeds reuse it); '' disables.",
+    )
+    flags.mark_flags_as_required(["config", "workdir", "methods"])
+
 
 SINGLE = "single-task"
 
@@ -139,12 +148,6 @@ def _check_strategy(config) -> None:
         ) from e
 
 
-def _is_main() -> bool:
-    import jax  # noqa: PLC0415
-
-    return jax.process_index() == 0
-
-
 def _load(path):
     if not os.path.exists(path):
         return None
@@ -158,6 +161,7 @@ def execute(runs, workdir: str, train: bool = True) -> dict:
     An outcome is {"results", "wall_time_s"} for a finished run, {"failed": message} for a
     run stopped by a non-finite loss, and {"missing": True} for one not trained.
     """
+    from hisd_jax import loop as loop_lib  # noqa: PLC0415
     from hisd_jax import train as train_lib  # noqa: PLC0415
 
     outcomes = {}
@@ -165,7 +169,7 @@ def execute(runs, workdir: str, train: bool = True) -> dict:
         run_dir = os.path.join(workdir, run.subdir)
         results_path = os.path.join(run_dir, "results.json")
         if os.path.exists(results_path):
-            train_lib._check_workdir_config(run_dir, run.config)  # noqa: SLF001
+            loop_lib.check_workdir_config(run_dir, run.config)
         results = _load(results_path)
         if results is None and train:
             print(f"== [{i + 1}/{len(runs)}] {run.subdir}: training", file=sys.stderr)
@@ -176,9 +180,10 @@ def execute(runs, workdir: str, train: bool = True) -> dict:
                 print(f"== {run.subdir}: FAILED: {e}", file=sys.stderr)
                 outcomes[run.subdir] = {"failed": str(e)}
                 continue
-            if _is_main():
-                with open(os.path.join(run_dir, "sweep_time.json"), "w") as f:
-                    json.dump({"wall_time_s": time.perf_counter() - t0}, f)
+            wall_time_s = time.perf_counter() - t0
+            jsonio.write_json(
+                os.path.join(run_dir, "sweep_time.json"), {"wall_time_s": wall_time_s}
+            )
         elif results is not None:
             print(f"== [{i + 1}/{len(runs)}] {run.subdir}: already finished", file=sys.stderr)
         if results is None:
@@ -331,23 +336,19 @@ def document(summary: dict, table: str) -> str:
 
 def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True) -> dict:
     """Trains (if `train`) and summarises the sweep; writes sweep.md and sweep.json."""
-    from hisd_jax import data as data_lib  # noqa: PLC0415
+    from hisd_jax import experiment  # noqa: PLC0415
 
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds={seeds} must be distinct and not empty")
     runs = plan(config, methods, seeds, space)
-    dataset = data_lib.get_dataset(config.data.name, seed=config.data.seed, **config.data.kwargs)
-    specs = tasks_lib.task_specs(config, dataset.tasks)
+    specs = experiment.build_experiment(config).tasks
     os.makedirs(workdir, exist_ok=True)
     outcomes = execute(runs, workdir, train)
     summary = summarise(config, runs, outcomes, specs, workdir)
     table = markdown(summary)
-    if _is_main():
-        with open(os.path.join(workdir, "sweep.md"), "w") as f:
-            f.write(document(summary, table))
-        with open(os.path.join(workdir, "sweep.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    jsonio.write_text(os.path.join(workdir, "sweep.md"), document(summary, table))
+    jsonio.write_json(os.path.join(workdir, "sweep.json"), summary)
     return {"table": table, "summary": summary}
 
 
@@ -375,4 +376,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -100,11 +100,12 @@ def restore_latest(config, workdir):
     """The latest checkpointed train state of `workdir` (replicated over this job's devices)."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    from hisd_jax import checkpointing, parallel, train  # pylint: disable=g-import-not-at-top
+    from hisd_jax import checkpointing, parallel  # pylint: disable=g-import-not-at-top
+    from hisd_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
 
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     replicated = parallel.replicated(exp.mesh)
-    abstract = jax.eval_shape(lambda: train.init_state(exp))
+    abstract = jax.eval_shape(lambda: experiment_lib.init_state(exp))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
     )
@@ -144,12 +145,14 @@ def cmd_spmd(arg, steps, devices, out) -> None:
     from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
     from hisd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    from hisd_jax import parallel, train  # pylint: disable=g-import-not-at-top
+    from hisd_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+    from hisd_jax import parallel  # pylint: disable=g-import-not-at-top
+    from hisd_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
     assert jax.device_count() == devices, (jax.device_count(), devices)
     assert jax.local_device_count() == devices and jax.process_count() == 1
     config = get_config(arg)
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     assert exp.mesh.shape == {"data": devices}, exp.mesh.shape
     all_devices = set(jax.devices())
 
@@ -171,9 +174,9 @@ def cmd_spmd(arg, steps, devices, out) -> None:
             assert starts == list(range(0, rows, rows // devices)), (k, starts)
             assert all(s.data.shape[0] == rows // devices for s in shards)
 
-    state = train.init_state(exp)
+    state = experiment_lib.init_state(exp)
     check_replicated(state)
-    step_fn = train.make_train_step(exp)
+    step_fn = steps_lib.make_train_step(exp)
     sharding = parallel.batch_sharded(exp.mesh)
     keys = exp.batch_keys(train=True)
     iterator = data_lib.BatchIterator(
@@ -186,7 +189,7 @@ def cmd_spmd(arg, steps, devices, out) -> None:
         check_sharded(batch, config.train.batch_size)
         # The same global batch as a host array: the sharded array holds exactly these rows.
         np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
-        sums = train.zero_metric_sums(exp, step_fn, state, batch)
+        sums = steps_lib.zero_metric_sums(exp, step_fn, state, batch)
         state, sums = step_fn(state, sums, batch)
         check_replicated(state)
         check_replicated(sums)
@@ -199,13 +202,13 @@ def cmd_spmd(arg, steps, devices, out) -> None:
     last = list(data_lib.eval_batches(val, eval_bs))[-1]
     assert 0 < last["mask"].sum() < eval_bs
     check_sharded(parallel.global_batch(last, sharding), eval_bs)
-    metrics = {split: train.evaluate(exp, state, split) for split in ("val", "test")}
+    metrics = {split: steps_lib.evaluate(exp, state, split) for split in ("val", "test")}
     # The same split in batches that need no padding: masking must make them agree.
     unpadded = next(
         b for b in range(eval_bs, len(val) + 1) if len(val) % b == 0 and b % devices == 0
     )
     exp.config.train.eval_batch_size = unpadded
-    metrics["val_unpadded"] = train.evaluate(exp, state, "val")
+    metrics["val_unpadded"] = steps_lib.evaluate(exp, state, "val")
     exp.config.train.eval_batch_size = eval_bs
 
     np.savez(out + ".npz", **flat_state(state))

@@ -133,11 +133,15 @@ def test_empty_task_list():
 
 
 def test_unknown_task_name_is_rejected_before_training(tmp_path):
+    from hisd_jax import experiment as experiment_lib
     from hisd_jax import train
 
     config = tiny_config(data__tasks=("label", "colour"))
     workdir = tmp_path / "run"
-    for build in (train.build_experiment, lambda c: train.train_and_evaluate(c, str(workdir))):
+    for build in (
+        experiment_lib.build_experiment,
+        lambda c: train.train_and_evaluate(c, str(workdir)),
+    ):
         with pytest.raises(ConfigError) as info:
             build(config)
         message = str(info.value)

@@ -14,6 +14,7 @@ import pytest
 from conftest import run_python, tiny_config
 
 from hisd_jax import evaluate, export, train
+from hisd_jax import workdir as workdir_lib
 from hisd_jax.inference import cascade, policies
 from hisd_jax.inference import cost as cost_lib
 
@@ -30,8 +31,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-    exp, variables = evaluate.load_workdir(workdir)
-    images, labels = evaluate.split_arrays(exp, "test", TASK)
+    exp, variables = workdir_lib.load_workdir(workdir)
+    images, labels = workdir_lib.split_arrays(exp, "test", TASK)
     logits = cascade.all_exit_logits(exp.model, variables, images, TASK, batch_size=128)
     return exp, variables, images, labels, logits
 
@@ -224,7 +225,7 @@ def test_export_roundtrip_in_fresh_process(workdir, loaded, tmp_path):
     assert all(name in proc.stdout for name in ("exit0", "exit1", "exit2", "peak MiB"))
     with open(os.path.join(workdir, "export_report.json")) as f:
         rows = json.load(f)["exits"]
-    counts = cost_lib.exit_param_counts(jax.device_get(variables["params"]), 3)
+    counts = cost_lib.exit_param_counts(jax.device_get(variables["params"]), exp.param_labels)
     assert [r["params"] for r in rows] == counts
     assert all(r["peak_memory_bytes"] > 0 and r["latency_ms"] > 0 for r in rows)
 

@@ -347,7 +347,9 @@ def test_standalone_cost_matches_xla_cost_of_the_cut_model(cost_setup):
 
 def test_exit_param_counts_hand_count_and_cut_model(cost_setup):
     model, variables, _ = cost_setup
-    counts = cost_lib.exit_param_counts(variables["params"], model.num_exits)
+    counts = cost_lib.exit_param_counts(
+        variables["params"], model.param_labels(variables["params"])
+    )
     assert counts == TINY_CNN_PARAMS
     for e in range(model.num_exits):  # the cut model without its earlier heads and projections
         shapes = path_shapes(abstract_init(build_model(COST_CFG, COST_TASKS, cut_at=e), COST_IMAGE))
@@ -366,7 +368,9 @@ def test_exit_param_counts_are_the_parameters_exit_logits_depend_on():
     model = build_model(cfg, TASKS)
     variables = random_variables(model, image_shape)
     x = images(image_shape)
-    counts = cost_lib.exit_param_counts(variables["params"], model.num_exits)
+    counts = cost_lib.exit_param_counts(
+        variables["params"], model.param_labels(variables["params"])
+    )
 
     def exit_output(params, e):
         out = model.apply({**variables, "params": params}, x)

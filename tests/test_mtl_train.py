@@ -23,11 +23,14 @@ import pytest
 from conftest import REPO, tiny_config
 
 from hisd_jax import checkpointing, sweep, train
+from hisd_jax import experiment as experiment_lib
+from hisd_jax import steps as steps_lib
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax.mtl import gradients as grad_lib
 from hisd_jax.mtl import strategy as strategy_lib
 from hisd_jax.mtl import tasks as tasks_lib
+from hisd_jax.programs.standard import StandardProgram
 
 TASKS = ("left", "same_parity", "ink")
 
@@ -93,8 +96,8 @@ def compile_cache(tmp_path_factory):
 # --------------------------------------------------------------------- gradient plumbing
 @pytest.fixture(scope="module")
 def setup(compile_cache):
-    exp = train.build_experiment(mtl_config())
-    state = train.init_state(exp)
+    exp = experiment_lib.build_experiment(mtl_config())
+    state = experiment_lib.init_state(exp)
     it = data_lib.BatchIterator(exp.dataset.splits["train"], 32, seed=0)
     batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in exp.batch_keys(True)}
     it.close()
@@ -121,7 +124,13 @@ def pieces(exp, state, batch):
             {"params": params}, reps, project=objective.needs_projection, method=model.apply_heads
         )
 
-    return trunk, heads, lambda outputs: objective.task_losses(outputs, batch, 0.0)
+    return (
+        trunk,
+        heads,
+        lambda outputs: objective.task_losses(
+            outputs, batch, steps_lib.LossContext.hard(0.0, len(TASKS))
+        ),
+    )
 
 
 _UPDATES = {}
@@ -142,6 +151,7 @@ def strategy_update(exp, state, batch, weights, space="param", backward="auto"):
                 heads=heads,
                 task_losses=task_losses,
                 params=params,
+                param_labels=exp.param_labels,
                 strategy_params={},
                 strategy_state={"w": w},
                 step=jnp.zeros((), jnp.int32),
@@ -168,7 +178,9 @@ def reference_grads(exp, state, batch):
                 project=exp.objective.needs_projection,
                 mutable=["batch_stats"],
             )
-            return exp.objective.task_losses(outputs, batch, 0.0)[0]
+            return exp.objective.task_losses(
+                outputs, batch, steps_lib.LossContext.hard(0.0, len(TASKS))
+            )[0]
 
         @jax.jit
         def all_grads(params):
@@ -289,8 +301,8 @@ def with_strategy(exp, state, strategy, tx=None):
 
 
 def run_steps(exp, state, batch, n):
-    step = train.make_train_step(exp)
-    sums = train.zero_metric_sums(exp, step, state, batch)
+    step = steps_lib.make_train_step(exp)
+    sums = steps_lib.zero_metric_sums(exp, step, state, batch)
     for _ in range(n):
         state, sums = step(state, sums, batch)
     return state
@@ -315,7 +327,7 @@ def test_train_step_with_mean_method_is_sgd_on_mean_loss(setup):
 # ------------------------------------------------------------------- state in the trainer
 def _final_state(exp, workdir):
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
-    template = train.init_state(exp)
+    template = experiment_lib.init_state(exp)
     shardings = jax.tree.map(lambda x: x.sharding, template)
     state, _, _ = ckpt.restore(checkpointing.abstract_like(template, shardings))
     ckpt.close()
@@ -333,28 +345,24 @@ def test_strategy_state_resumes_exactly(method, tmp_path, monkeypatch, compile_c
     steps = config.train.steps
     train.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    real = train.make_train_step
+    real = StandardProgram.run_unit
+    calls = [0]
 
-    def preempting(exp):
-        step_fn, calls = real(exp), [0]
+    def preempting(self, state, sums, batches):
+        calls[0] += 1
+        if calls[0] == steps // 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves, then exits 143
+        return real(self, state, sums, batches)
 
-        def wrapped(state, sums, batch):
-            calls[0] += bool(sums)  # sums == {}: jax.eval_shape asking for the metrics' shapes
-            if calls[0] == steps // 2 and sums:
-                os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves, then exits 143
-            return step_fn(state, sums, batch)
-
-        return wrapped
-
-    monkeypatch.setattr(train, "make_train_step", preempting)
+    monkeypatch.setattr(StandardProgram, "run_unit", preempting)
     with pytest.raises(SystemExit) as info:
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert info.value.code == 143
-    monkeypatch.setattr(train, "make_train_step", real)
+    monkeypatch.setattr(StandardProgram, "run_unit", real)
     results = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert results["train"]["resumed_from"] == steps // 2
 
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     a, b = _final_state(exp, tmp_path / "straight"), _final_state(exp, tmp_path / "resumed")
     assert int(a.step) == int(b.step) == steps
     chex.assert_trees_all_equal(a.strategy_state, b.strategy_state)
@@ -506,7 +514,9 @@ def test_uw_log_variances_are_trained(tiny_sweep):
     for run in sweep.plan(config, ["uw"], [0, 1]):
         if run.label != "uw":
             continue
-        state = _final_state(train.build_experiment(run.config), os.path.join(workdir, run.subdir))
+        state = _final_state(
+            experiment_lib.build_experiment(run.config), os.path.join(workdir, run.subdir)
+        )
         log_var = np.asarray(state.strategy_params["log_var"])
         assert log_var.shape == (2,) and np.all(np.isfinite(log_var)), log_var
         assert np.all(np.abs(log_var) > 1e-4), log_var
@@ -597,6 +607,11 @@ def test_rep_space_differentiates_only_the_representations_the_losses_read(monke
             heads=heads,
             task_losses=task_losses,
             params=p,
+            param_labels={
+                "segments_0": {"w": "trunk:0"},
+                "segments_1": {"w": "trunk:1"},
+                "heads_1": {"out_a": {"k": "task:1:a"}, "out_b": {"k": "task:1:b"}},
+            },
             strategy_params={},
             strategy_state={},
             step=0,

@@ -21,6 +21,8 @@ import pytest
 from conftest import tiny_config
 
 from hisd_jax import checkpointing, parallel, train
+from hisd_jax import experiment as experiment_lib
+from hisd_jax import steps as steps_lib
 from hisd_jax import data as data_lib
 from hisd_jax.config import ConfigError
 
@@ -60,7 +62,7 @@ def run(tmp_path_factory):
 
 def restore(exp, workdir, step=None):
     """(state, data_state, latest step) of a checkpoint in `workdir`; compiles nothing."""
-    abstract = jax.eval_shape(lambda: train.init_state(exp))
+    abstract = jax.eval_shape(lambda: experiment_lib.init_state(exp))
     replicated = parallel.replicated(exp.mesh)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
@@ -227,7 +229,7 @@ def assert_metrics_close(got, want):
 def test_evaluate_matches_numpy_and_ignores_padding(run):
     _, workdir, results, _ = run
     config = tiny_config(train__eval_batch_size=100)  # 359 test rows: 4 batches, 41 padded
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     state, _, latest = restore(exp, workdir)
     assert latest == 40 and int(state.step) == 40 and int(state.bad_step) == -1
 
@@ -239,7 +241,7 @@ def test_evaluate_matches_numpy_and_ignores_padding(run):
     logits = jax.jit(exp.model.apply)(variables, everything["image"])["logits"][TASK]
     labels = everything["label"]
 
-    got = train.evaluate(exp, state, "test")
+    got = steps_lib.evaluate(exp, state, "test")
     for e, name in enumerate(EXITS):
         want = np_metrics(logits[e], labels)
         assert_metrics_close(got[TASK][name], want)
@@ -318,7 +320,7 @@ def test_non_finite_loss_stops_with_a_finite_checkpoint(tmp_path):
     assert re.search(r"non-finite loss, gradient or parameters at step 2\b", message), message
     assert "checkpoint (step 1)" in message and workdir in message
 
-    exp = train.build_experiment(config)
+    exp = experiment_lib.build_experiment(config)
     state, data_state, latest = restore(exp, workdir)
     assert latest == 1
     assert int(state.step) == 1 and int(state.bad_step) == -1
@@ -346,14 +348,14 @@ def train_batches(exp, n):
 @pytest.fixture(scope="module")
 def sgd_step():
     """An experiment with an absurd SGD learning rate and its jitted train step."""
-    exp = train.build_experiment(tiny_config(optimizer__name="sgd", optimizer__lr=3e38))
-    return exp, train.make_train_step(exp)
+    exp = experiment_lib.build_experiment(tiny_config(optimizer__name="sgd", optimizer__lr=3e38))
+    return exp, steps_lib.make_train_step(exp)
 
 
 def test_step_rejects_an_update_that_overflows_the_parameters(sgd_step):
     """Finite loss and gradient but non-finite new parameters: the step must not be taken."""
     exp, step_fn = sgd_step
-    state = train.init_state(exp)
+    state = experiment_lib.init_state(exp)
     params = jax.device_get(state.params)
     # Final features 100x larger: the loss (~90) and the gradient (norm ~200) stay finite,
     # but lr * gradient exceeds float32's range for the final head's weights.
@@ -363,7 +365,7 @@ def test_step_rejects_an_update_that_overflows_the_parameters(sgd_step):
     before = jax.device_get(state.params)
 
     (batch,) = train_batches(exp, 1)
-    state, sums = step_fn(state, train.zero_metric_sums(exp, step_fn, state, batch), batch)
+    state, sums = step_fn(state, steps_lib.zero_metric_sums(exp, step_fn, state, batch), batch)
     sums = jax.device_get(sums)
     assert np.isfinite(sums["loss"]) and np.isfinite(sums["grad_norm"])
     assert not np.isfinite(sums["update_norm"])
@@ -374,9 +376,9 @@ def test_step_rejects_an_update_that_overflows_the_parameters(sgd_step):
 
 def test_train_step_donates_state_and_compiles_once(sgd_step):
     exp, step_fn = sgd_step
-    state = train.init_state(exp)
+    state = experiment_lib.init_state(exp)
     batches = train_batches(exp, 3)
-    sums = train.zero_metric_sums(exp, step_fn, state, batches[0])
+    sums = steps_lib.zero_metric_sums(exp, step_fn, state, batches[0])
     for batch in batches:
         old_state, old_sums = state, sums
         state, sums = step_fn(state, sums, batch)

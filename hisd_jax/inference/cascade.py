@@ -131,6 +131,31 @@ def _take(tree, idx):
     return jax.tree.map(lambda a: a[idx], tree)
 
 
+class _Outputs:
+    """What a `Cascade` call collects: per example its exit, prediction and chosen logits, per
+    stage the real examples and the bucket rows that ran it."""
+
+    def __init__(self, num_examples: int, num_exits: int):
+        self.exit_idx = np.full(num_examples, -1, np.int64)
+        self.preds = np.zeros(num_examples, np.int64)
+        self.logits = None  # [N, C], allocated at the first stage (C is known then)
+        self.stage_sizes = np.zeros(num_exits, np.int64)
+        self.bucket_rows = np.zeros(num_exits, np.int64)
+
+    def record(self, i: int, rows: np.ndarray, logits, pred, done) -> np.ndarray:
+        """Records the live slots [0:len(rows)] of a bucket that exit at stage i (`done`);
+        `rows` are their output rows. Returns the slots that go on."""
+        n = rows.shape[0]
+        done = done[:n]
+        exiting = rows[done]
+        self.exit_idx[exiting] = i
+        self.preds[exiting] = pred[:n][done]
+        if self.logits is None:
+            self.logits = np.zeros((self.exit_idx.shape[0], logits.shape[-1]), logits.dtype)
+        self.logits[exiting] = logits[:n][done]
+        return np.flatnonzero(~done)
+
+
 class Cascade:
     """Compacting early-exit cascade over a `MultiExitNet` for one classification task.
 
@@ -181,6 +206,15 @@ class Cascade:
         FLOPs of the pieces each example actually ran, averaged) and padded_flops_per_example
         (the FLOPs of the buckets run, padding included, per example).
         """
+        rules = self._rules(thresholds, patience, temperatures)
+        out = _Outputs(images.shape[0], self.num_exits)
+        for start, x in _batches(images, self.batch_size):
+            self._run_batch(x, start, rules, out)
+        return self._result(out)
+
+    def _rules(self, thresholds, patience, temperatures) -> list[dict]:
+        """Per exit, the traced `rule` argument of `_stage`: policy index, threshold,
+        temperature (1 without `temperatures`) and patience."""
         num_exits = self.num_exits
         if self.policy == "patience":
             if patience is None:
@@ -191,7 +225,7 @@ class Cascade:
         thr = np.asarray(thresholds, np.float32)
         temps = np.ones(num_exits, np.float32) if temperatures is None else temperatures
         temps = np.asarray(temps, np.float32)
-        rules = [
+        return [
             {
                 "policy": np.int32(POLICIES.index(self.policy)),
                 "threshold": thr[i],
@@ -201,60 +235,51 @@ class Cascade:
             for i in range(num_exits)
         ]
 
-        n_total = images.shape[0]
-        exit_idx = np.full(n_total, -1, np.int64)
-        preds = np.zeros(n_total, np.int64)
-        chosen = None
-        stage_sizes = np.zeros(num_exits, np.int64)
-        bucket_rows = np.zeros(num_exits, np.int64)
-        for start, x in _batches(images, self.batch_size):
-            n = x.shape[0]
+    def _run_batch(self, x, start: int, rules: list[dict], out: _Outputs) -> None:
+        """One batch through the stages: after each, the examples that exit are recorded in
+        `out` and the others are compacted into the smallest bucket that holds them."""
+        n = x.shape[0]
+        size = _bucket_for(n, self.sizes)
+        rows = start + np.arange(n)  # output rows of the live slots [0:n] of the bucket
+        h = _pad_rows(x, size)
+        prev_pred = np.zeros(size, np.int32)
+        run = np.zeros(size, np.int32)
+        for i in range(self.num_exits):
+            out.stage_sizes[i] += n
+            out.bucket_rows[i] += size
+            h, logits, pred, run, done = _stage(
+                self.variables,
+                h,
+                prev_pred,
+                run,
+                rules[i],
+                model=self.model,
+                task=self.task,
+                i=i,
+            )
+            keep = out.record(i, rows, *jax.device_get((logits, pred, done)))
+            if keep.size == 0:
+                break
+            prev_pred = pred
+            if keep.size == n:  # nobody exited: the bucket stays as it is
+                continue
+            n, rows = keep.size, rows[keep]
             size = _bucket_for(n, self.sizes)
-            rows = np.arange(n)  # batch positions of the live slots [0:n] of the bucket
-            h = _pad_rows(x, size)
-            prev_pred = np.zeros(size, np.int32)
-            run = np.zeros(size, np.int32)
-            for i in range(num_exits):
-                stage_sizes[i] += n
-                bucket_rows[i] += size
-                h, logits, pred, run, done = _stage(
-                    self.variables,
-                    h,
-                    prev_pred,
-                    run,
-                    rules[i],
-                    model=self.model,
-                    task=self.task,
-                    i=i,
-                )
-                logits_h, pred_h, done_h = jax.device_get((logits, pred, done))
-                done_h = done_h[:n]
-                out = start + rows[done_h]
-                exit_idx[out] = i
-                preds[out] = pred_h[:n][done_h]
-                if chosen is None:
-                    chosen = np.zeros((n_total, logits_h.shape[-1]), logits_h.dtype)
-                chosen[out] = logits_h[:n][done_h]
-                keep = np.flatnonzero(~done_h)
-                if keep.size == 0:
-                    break
-                prev_pred = pred
-                if keep.size == n:  # nobody left: the bucket stays as it is
-                    continue
-                n, rows = keep.size, rows[keep]
-                size = _bucket_for(n, self.sizes)
-                idx = np.concatenate([keep, np.zeros(size - n, keep.dtype)]).astype(np.int32)
-                h, prev_pred, run = _take((h, pred, run), idx)
+            idx = np.concatenate([keep, np.zeros(size - n, keep.dtype)]).astype(np.int32)
+            h, prev_pred, run = _take((h, pred, run), idx)
+
+    def _result(self, out: _Outputs) -> dict:
         result = {
-            "exit_idx": exit_idx,
-            "preds": preds,
-            "logits": chosen,
-            "stage_sizes": stage_sizes,
-            "bucket_rows": bucket_rows,
+            "exit_idx": out.exit_idx,
+            "preds": out.preds,
+            "logits": out.logits,
+            "stage_sizes": out.stage_sizes,
+            "bucket_rows": out.bucket_rows,
         }
         if self.piece_costs is not None:
-            result["flops_per_example"] = float(stage_sizes @ self.piece_costs / n_total)
-            result["padded_flops_per_example"] = float(bucket_rows @ self.piece_costs / n_total)
+            n_total = out.exit_idx.shape[0]
+            result["flops_per_example"] = float(out.stage_sizes @ self.piece_costs / n_total)
+            result["padded_flops_per_example"] = float(out.bucket_rows @ self.piece_costs / n_total)
         return result
 
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hisd_jax.models import labels
+
 
 def compiled_flops(fn, *args) -> float:
     """FLOPs of `fn(*args)` as XLA's cost analysis of the compiled program reports them."""
@@ -50,15 +52,12 @@ def exit_costs(pieces: dict) -> dict:
     }
 
 
-def exit_param_counts(params, num_exits: int) -> list[int]:
-    """Parameters a model cut at each exit needs (its segments and its head, no projection)."""
-
-    def count(tree):
-        return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-    seg = [count(params[f"segments_{i}"]) for i in range(num_exits)]
-    head = [
-        count({k: v for k, v in params[f"heads_{i}"].items() if k != "proj"})
-        for i in range(num_exits)
+def exit_param_counts(params, param_labels) -> list[int]:
+    """Parameters a model cut at each exit needs: its trunk segments and its head without the
+    training-only projection (`models.labels.needed_by_exit`)."""
+    flat = list(zip(jax.tree.leaves(param_labels), jax.tree.leaves(params), strict=True))
+    num_exits = 1 + max(labels.exit_of(label) for label, _ in flat)
+    return [
+        int(sum(np.size(x) for label, x in flat if labels.needed_by_exit(label, e)))
+        for e in range(num_exits)
     ]
-    return [int(sum(seg[: e + 1]) + head[e]) for e in range(num_exits)]

@@ -1,6 +1,9 @@
 """Models: a registry from config to a `MultiExitNet`."""
 
 import jax.numpy as jnp
+import ml_collections
+
+from hisd_jax.kinds import get_kind
 
 from hisd_jax.models.backbones import BACKBONES, backbone_blocks
 from hisd_jax.models.multi_exit import MultiExitNet
@@ -9,8 +12,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def task_outputs(tasks) -> tuple[tuple[str, int], ...]:
-    """(name, number of outputs) for each TaskInfo; regression tasks have one output."""
-    return tuple((t.name, t.num_classes if t.kind == "classification" else 1) for t in tasks)
+    """(name, width of the task's head) for each task (`TaskSpec` or `data.TaskInfo`)."""
+    return tuple((t.name, get_kind(t.kind).num_outputs(t.num_classes)) for t in tasks)
 
 
 def exit_positions(model_cfg) -> tuple[int, ...]:
@@ -22,12 +25,26 @@ def exit_positions(model_cfg) -> tuple[int, ...]:
     return tuple(exits) if exits else default
 
 
+def num_exits(model_cfg) -> int:
+    """How many exits the model of `model_cfg` has (fewer than its positions with `cut_at`)."""
+    cut = model_cfg.get("cut_at")
+    exits = exit_positions(model_cfg)
+    return len(exits) if cut is None or cut < 0 else cut + 1
+
+
+def model_section(config):
+    """The config's model section with `cut_at` in the form `build_model` expects (None = full)."""
+    m = config.model.to_dict()
+    m["cut_at"] = None if m["cut_at"] < 0 else m["cut_at"]
+    return ml_collections.ConfigDict(m)
+
+
 def build_model(model_cfg, tasks, cut_at=None) -> MultiExitNet:
     """Builds the model named by `model_cfg.name` with one head per task at every exit.
 
     Args:
-      model_cfg: the config's `model` section (see configs/common.py for the fields).
-      tasks: TaskInfo objects the heads predict.
+      model_cfg: the config's `model` section (fields: `config.base_config`).
+      tasks: the tasks the heads predict (`mtl.tasks.TaskSpec`; `data.TaskInfo` works too).
       cut_at: overrides `model_cfg.cut_at` (an exit index): build only up to that exit.
     """
     blocks, _ = backbone_blocks(
@@ -51,4 +68,13 @@ def build_model(model_cfg, tasks, cut_at=None) -> MultiExitNet:
     )
 
 
-__all__ = ["BACKBONES", "DTYPES", "MultiExitNet", "build_model", "exit_positions", "task_outputs"]
+__all__ = [
+    "BACKBONES",
+    "DTYPES",
+    "MultiExitNet",
+    "build_model",
+    "exit_positions",
+    "model_section",
+    "num_exits",
+    "task_outputs",
+]

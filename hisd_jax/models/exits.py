@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hisd_jax.models import labels
+
 
 def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
     """Average-pools [B, H, W, C] to [B, size, size, C] with PyTorch's bin edges.
@@ -29,6 +31,17 @@ def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
         cols = [jnp.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)) for c0, c1 in bins(w)]
         rows.append(jnp.stack(cols, axis=1))
     return jnp.stack(rows, axis=1)
+
+
+def hidden_name(i: int) -> str:
+    return f"hidden{i}"
+
+
+def task_out_name(task: str) -> str:
+    return f"out_{task}"
+
+
+PROJ_NAME = "proj"
 
 
 class ExitHead(nn.Module):
@@ -53,14 +66,29 @@ class ExitHead(nn.Module):
         pooled = adaptive_avg_pool(x, self.pool_size).reshape(x.shape[0], -1)
         h = pooled
         for i, width in enumerate(self.hidden):
-            h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"hidden{i}")(h))
+            h = nn.relu(nn.Dense(width, dtype=self.dtype, name=hidden_name(i))(h))
         logits = {
-            name: nn.Dense(n, dtype=self.dtype, name=f"out_{name}")(h).astype(jnp.float32)
+            name: nn.Dense(n, dtype=self.dtype, name=task_out_name(name))(h).astype(jnp.float32)
             for name, n in self.tasks
         }
         out = {"logits": logits, "features": pooled.astype(jnp.float32)}
         if self.proj_dim is not None and (project or self.is_initializing()):
-            out["projected"] = nn.Dense(self.proj_dim, dtype=self.dtype, name="proj")(
+            out["projected"] = nn.Dense(self.proj_dim, dtype=self.dtype, name=PROJ_NAME)(
                 pooled
             ).astype(jnp.float32)
         return out
+
+    def param_labels(self, params, exit_index: int) -> dict:
+        """The label of every parameter leaf of this head (see `models.labels`).
+
+        Built from the names this module gives its submodules (the functions above), so a
+        renamed submodule fails here instead of silently changing a leaf's role.
+        """
+        out = {}
+        for i in range(len(self.hidden)):
+            out[hidden_name(i)] = labels.exit_shared(exit_index)
+        for name, _ in self.tasks:
+            out[task_out_name(name)] = labels.task_head(name, exit_index)
+        if PROJ_NAME in params:
+            out[PROJ_NAME] = labels.projection(exit_index)
+        return labels.expand(out, params, where=f"exit head {exit_index}")

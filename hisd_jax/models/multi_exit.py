@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hisd_jax.models import labels
 from hisd_jax.models.exits import ExitHead
 from hisd_jax.models.layers import BLOCKS, BlockSpec, Stem
 
@@ -129,6 +130,23 @@ class MultiExitNet(nn.Module):
         if project or self.is_initializing():
             result["projected"] = [o["projected"] for o in outs[:-1]]
         return result
+
+    def param_labels(self, params) -> dict:
+        """The label tree of `params` (structure of `params`, string leaves; `models.labels`).
+
+        Flax names the entries of the `segments` and `heads` lists `segments_{i}` and
+        `heads_{i}`; a parameter that this function does not label raises ValueError.
+        """
+        prefix = {}
+        for i in range(self.num_exits):
+            prefix[f"segments_{i}"] = labels.trunk(i)
+            head = self._head(i)
+            prefix[f"heads_{i}"] = head.param_labels(params.get(f"heads_{i}", {}), i)
+        return labels.expand(prefix, params)
+
+    def _head(self, i: int) -> ExitHead:
+        """Exit head i as an unbound module (for its labels; `setup` builds the bound ones)."""
+        return ExitHead(self._head_tasks(i), self.head_pool, tuple(self.head_hidden), parent=None)
 
     def run_segment(self, i: int, x, train: bool = False):
         """Runs segment i alone: the stem (i = 0) and the blocks up to exit i."""

@@ -9,8 +9,9 @@ Two kinds of strategy (see weighting.py and gradients.py):
     task-loss vector) and one backward pass per identity cotangent, all in the same
     jitted step; the method reads their Gram matrix and returns task weights w.
     - space="param": gradients of the shared parameters; the update is sum_t w_t g_t
-      on shared leaves, while a task's own head (leaves under `out_<task>`) gets its
-      own gradient, unweighted (as LibMTL does).
+      on shared leaves, while a task's own output layers (leaves labelled "task:…" by
+      the model's label tree, `models/labels.py`) get their own gradient, unweighted (as
+      LibMTL does).
     - space="rep": gradients with respect to the shared representation (the trunk's
       outputs: MGDA-UB's upper bound), so only the small heads are differentiated T
       times; the trunk is back-propagated once with sum_t w_t dL_t/dz. Only the trunk
@@ -25,9 +26,17 @@ How the T backward passes run (`backward`, config `mtl.backward`; same gradients
     both on your hardware.
 Strategy state (DWA's running losses, GradVac's targets, GradNorm's weights, ...) is a
 pytree in the train state, checkpointed and replicated like the parameters.
+
+Active tasks: `value_and_grad` takes a traced per-task mask `active` [T] (1 = active). An
+inactive task's entry of the loss vector is replaced by 0, so it has exactly zero gradient;
+the strategy gives it weight 0 and leaves its state alone (weighting.py, gradients.py).
+Randomness is drawn per task from a stable id of the task's name (`task_id`), so an inactive
+task does not change the other tasks' draws.
 """
 
 import dataclasses
+import inspect
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
+from hisd_jax.models import labels as labels_lib
 from hisd_jax.mtl import gradients as grad_lib
 from hisd_jax.mtl import weighting as weighting_lib
 
@@ -65,47 +75,78 @@ class Strategy:
         return {}, self.method.init(len(self.tasks))
 
 
+def task_id(name: str) -> int:
+    """A stable non-negative int32 id of a task name (per-task random streams)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _accepts(factory, name: str) -> bool:
+    return name in inspect.signature(factory).parameters
+
+
 def build_strategy(
-    name: str, tasks, *, space: str = "param", backward: str = "auto", **hparams
+    name: str,
+    tasks,
+    *,
+    space: str = "param",
+    backward: str = "auto",
+    steps_per_epoch: int | None = None,
+    **hparams,
 ) -> Strategy:
-    """The strategy `name` for the task names `tasks`, with its hyper-parameters."""
+    """The strategy `name` for the task names `tasks`, with its hyper-parameters.
+
+    `steps_per_epoch` describes the training stream; a strategy whose factory takes it (DWA)
+    gets it unless the hyper-parameters set it.
+
+    Raises:
+      ValueError: an unknown name, space or backward, or hyper-parameters the strategy rejects.
+    """
     tasks = tuple(tasks)
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not one of {', '.join(SPACES)}")
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r} is not one of {', '.join(BACKWARDS)}")
+    ids = [task_id(t) for t in tasks]
     if name in LOSS_WEIGHTINGS:
-        weighting = weighting_lib.get_weighting(name, len(tasks), **hparams)
+        factory = weighting_lib._WEIGHTINGS[name]  # noqa: SLF001
+        if steps_per_epoch is not None and _accepts(factory, "steps_per_epoch"):
+            hparams.setdefault("steps_per_epoch", steps_per_epoch)
+        weighting = weighting_lib.get_weighting(name, len(tasks), task_ids=ids, **hparams)
         return Strategy(name, space, tasks, weighting=weighting, backward=backward)
     if name in GRADIENT_METHODS:
-        method = grad_lib.get_gradient_method(name, len(tasks), **hparams)
+        factory = grad_lib._METHODS[name]  # noqa: SLF001
+        if steps_per_epoch is not None and _accepts(factory, "steps_per_epoch"):
+            hparams.setdefault("steps_per_epoch", steps_per_epoch)
+        method = grad_lib.get_gradient_method(name, len(tasks), task_ids=ids, **hparams)
         return Strategy(name, space, tasks, method=method, backward=backward)
     raise ValueError(f"mtl.method={name!r} is not one of {', '.join(STRATEGIES)}")
 
 
-def _owner(path, tasks) -> str | None:
-    """The task whose own head holds this parameter leaf (None: shared)."""
-    for key in path:
-        name = getattr(key, "key", None)
-        if isinstance(name, str) and name.startswith("out_") and name[4:] in tasks:
-            return name[4:]
-    return None
-
-
-def _weighted_update(w, per_task, tasks):
+def _weighted_update(w, per_task, param_labels):
     """sum_t w_t g_t on shared leaves; a task's own leaves keep their (only) gradient."""
 
-    def leaf(path, g):
-        if _owner(path, tasks) is None:
+    def leaf(label, g):
+        if labels_lib.is_shared(label):
             return grad_lib.combine(w, g)
         return jnp.sum(g, axis=0)
 
-    return jax.tree_util.tree_map_with_path(leaf, per_task)
+    return jax.tree.map(leaf, param_labels, per_task)
 
 
-def _shared_leaves(per_task, tasks):
-    flat = jax.tree_util.tree_flatten_with_path(per_task)[0]
-    return [g for path, g in flat if _owner(path, tasks) is None]
+def _shared_leaves(per_task, param_labels):
+    return labels_lib.leaves_where(param_labels, per_task, labels_lib.is_shared)
+
+
+def _head_side(tree, param_labels):
+    """The top-level entries of `tree` that are not trunk (exit heads: the rep-space heads)."""
+    out = {}
+    for key, sub in tree.items():
+        roles = {labels_lib.role(label) for label in jax.tree.leaves(param_labels[key])}
+        if labels_lib.TRUNK in roles and len(roles) > 1:
+            raise ValueError(f"parameter entry {key!r} mixes trunk and head leaves")
+        if labels_lib.TRUNK not in roles:
+            out[key] = sub
+    return out
 
 
 def live_inputs(fn, *args) -> list[bool]:
@@ -142,6 +183,80 @@ def _per_task_vjp(vjp, eye, batched: bool):
     return jax.tree.map(lambda *g: jnp.stack(g), *(vjp(row) for row in eye))
 
 
+def _loss_weighting_grad(strategy, trunk, loss_vector, params, strategy_params, ctx):
+    """One backward pass of the weighted total: (value, grads, w, new state, metrics, aux)."""
+
+    def total(params, sparams):
+        reps, aux = trunk(params)
+        vec, metrics = loss_vector(params, reps)
+        value, new_state, w = strategy.weighting.apply(
+            vec, sparams, ctx["state"], step=ctx["step"], rng=ctx["rng"], active=ctx["active"]
+        )
+        return value, (w, new_state, metrics, aux)
+
+    (value, (w, new_state, metrics, aux)), grads = jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True
+    )(params, strategy_params)
+    return value, grads, w, new_state, metrics, aux
+
+
+def _param_space_grad(strategy, trunk, loss_vector, params, param_labels, ctx):
+    """Per-task gradients of every parameter from one forward pass; shared leaves combined."""
+
+    def forward(params):
+        reps, aux = trunk(params)
+        vec, metrics = loss_vector(params, reps)
+        return vec, (metrics, aux)
+
+    vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
+    eye = jnp.eye(vec.shape[0], dtype=jnp.float32)
+    (per_task,) = _per_task_vjp(vjp, eye, _vmapped(strategy))
+    gram = grad_lib.gram_matrix(_shared_leaves(per_task, param_labels))
+    w, new_state = _method_weights(strategy, gram, vec, ctx)
+    return vec, _weighted_update(w, per_task, param_labels), w, new_state, metrics, aux
+
+
+def _rep_space_grad(strategy, trunk, loss_vector, params, param_labels, ctx):
+    """Heads differentiated T times w.r.t. the trunk outputs they read, the trunk once."""
+    head_params = _head_side(params, param_labels)
+    head_labels = _head_side(param_labels, param_labels)
+    reps, trunk_vjp, aux = jax.vjp(trunk, params, has_aux=True)
+    leaves, treedef = jax.tree.flatten(reps)
+    live = live_inputs(lambda h, r: loss_vector(h, r)[0], head_params, reps)
+    used = [i for i, alive in enumerate(live[-len(leaves) :]) if alive]
+    used = used or list(range(len(leaves)))
+
+    def used_loss_vector(head_params, used_leaves):
+        full = list(leaves)  # the unused outputs enter as constants
+        for i, leaf in zip(used, used_leaves):
+            full[i] = leaf
+        return loss_vector(head_params, jax.tree.unflatten(treedef, full))
+
+    vec, head_vjp, metrics = jax.vjp(
+        used_loss_vector, head_params, [leaves[i] for i in used], has_aux=True
+    )
+    eye = jnp.eye(vec.shape[0], dtype=jnp.float32)
+    head_grads, rep_grads = _per_task_vjp(head_vjp, eye, _vmapped(strategy))
+    gram = grad_lib.gram_matrix(rep_grads)
+    w, new_state = _method_weights(strategy, gram, vec, ctx)
+    cotangent = [jnp.zeros_like(leaf) for leaf in leaves]
+    for i, g in zip(used, grad_lib.combine(w, rep_grads)):
+        cotangent[i] = g
+    (param_grads,) = trunk_vjp(jax.tree.unflatten(treedef, cotangent))
+    head_update = _weighted_update(w, head_grads, head_labels)
+    param_grads = {
+        k: jax.tree.map(jnp.add, g, head_update[k]) if k in head_update else g
+        for k, g in param_grads.items()
+    }
+    return vec, param_grads, w, new_state, metrics, aux
+
+
+def _method_weights(strategy, gram, vec, ctx):
+    return strategy.method.weights(
+        gram, vec, ctx["state"], step=ctx["step"], rng=ctx["rng"], active=ctx["active"]
+    )
+
+
 def value_and_grad(
     strategy: Strategy,
     *,
@@ -149,10 +264,12 @@ def value_and_grad(
     heads: Callable,
     task_losses: Callable,
     params,
+    param_labels,
     strategy_params,
     strategy_state,
     step,
     rng,
+    active=None,
 ):
     """One strategy-combined gradient.
 
@@ -160,74 +277,31 @@ def value_and_grad(
       trunk: params -> (representation, aux) — the shared part of the forward pass.
       heads: (params, representation) -> model outputs.
       task_losses: outputs -> ({task: loss}, metrics).
+      params: the model parameters; `param_labels` their label tree (`models/labels.py`).
+      active: float32 [T], 1 for an active task, 0 for an inactive one (default: all active).
     Returns:
       (loss, (param grads, strategy-param grads), new strategy state, metrics, trunk aux)
       where `loss` is the combined objective and metrics include every task's weight.
     """
     tasks = strategy.tasks
+    if active is None:
+        active = jnp.ones(len(tasks), jnp.float32)
 
     def loss_vector(params, reps):
         losses, metrics = task_losses(heads(params, reps))
-        return jnp.stack([losses[t] for t in tasks]), metrics
+        vec = jnp.stack([losses[t] for t in tasks])
+        return jnp.where(active > 0, vec, 0.0), metrics  # inactive: no loss, no gradient
 
+    ctx = {"state": strategy_state, "step": step, "rng": rng, "active": active}
     if strategy.weighting is not None:
-
-        def total(params, sparams):
-            reps, aux = trunk(params)
-            vec, metrics = loss_vector(params, reps)
-            value, new_state, w = strategy.weighting.apply(
-                vec, sparams, strategy_state, step=step, rng=rng
-            )
-            return value, (w, new_state, metrics, aux)
-
-        (value, (w, new_state, metrics, aux)), grads = jax.value_and_grad(
-            total, argnums=(0, 1), has_aux=True
-        )(params, strategy_params)
+        value, grads, w, new_state, metrics, aux = _loss_weighting_grad(
+            strategy, trunk, loss_vector, params, strategy_params, ctx
+        )
     else:
-        eye = jnp.eye(len(tasks), dtype=jnp.float32)
-        if strategy.space == "param":
-
-            def forward(params):
-                reps, aux = trunk(params)
-                vec, metrics = loss_vector(params, reps)
-                return vec, (metrics, aux)
-
-            vec, vjp, (metrics, aux) = jax.vjp(forward, params, has_aux=True)
-            (per_task,) = _per_task_vjp(vjp, eye, _vmapped(strategy))
-            gram = grad_lib.gram_matrix(_shared_leaves(per_task, tasks))
-            w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
-            param_grads = _weighted_update(w, per_task, tasks)
-        else:
-            # Heads are differentiated T times, the trunk once: only the head parameters
-            # (top-level keys `heads_*`) enter the per-task backward passes.
-            head_params = {k: v for k, v in params.items() if k.startswith("heads_")}
-            reps, trunk_vjp, aux = jax.vjp(trunk, params, has_aux=True)
-            leaves, treedef = jax.tree.flatten(reps)
-            live = live_inputs(lambda h, r: loss_vector(h, r)[0], head_params, reps)
-            used = [i for i, alive in enumerate(live[-len(leaves) :]) if alive]
-            used = used or list(range(len(leaves)))
-
-            def used_loss_vector(head_params, used_leaves):
-                full = list(leaves)  # the unused outputs enter as constants
-                for i, leaf in zip(used, used_leaves):
-                    full[i] = leaf
-                return loss_vector(head_params, jax.tree.unflatten(treedef, full))
-
-            vec, head_vjp, metrics = jax.vjp(
-                used_loss_vector, head_params, [leaves[i] for i in used], has_aux=True
-            )
-            head_grads, rep_grads = _per_task_vjp(head_vjp, eye, _vmapped(strategy))
-            gram = grad_lib.gram_matrix(rep_grads)
-            w, new_state = strategy.method.weights(gram, vec, strategy_state, step=step, rng=rng)
-            cotangent = [jnp.zeros_like(leaf) for leaf in leaves]
-            for i, g in zip(used, grad_lib.combine(w, rep_grads)):
-                cotangent[i] = g
-            (param_grads,) = trunk_vjp(jax.tree.unflatten(treedef, cotangent))
-            head_update = _weighted_update(w, head_grads, tasks)
-            param_grads = {
-                k: jax.tree.map(jnp.add, g, head_update[k]) if k in head_update else g
-                for k, g in param_grads.items()
-            }
+        grad_fn = _param_space_grad if strategy.space == "param" else _rep_space_grad
+        vec, param_grads, w, new_state, metrics, aux = grad_fn(
+            strategy, trunk, loss_vector, params, param_labels, ctx
+        )
         value = jnp.dot(jax.lax.stop_gradient(w), vec)
         grads = (param_grads, jax.tree.map(jnp.zeros_like, strategy_params))
     metrics = dict(metrics)

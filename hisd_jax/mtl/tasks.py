@@ -26,17 +26,23 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-# metric -> higher is better; the metrics results.json holds for each task kind.
-METRIC_DIRECTIONS = {"accuracy": True, "loss": False, "ece": False, "mse": False, "mae": False}
-KIND_METRICS = {"classification": ("accuracy", "loss", "ece"), "regression": ("mse", "mae")}
-DEFAULT_METRICS = {"classification": {"accuracy": True}, "regression": {"mae": False}}
+from hisd_jax.errors import ConfigError
+from hisd_jax.kinds import KINDS, METRIC_DIRECTIONS, TaskKind, get_kind
+from hisd_jax.models import num_exits
+from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES
+
+# The metrics results.json holds for each task kind, and each kind's default judging metric.
+KIND_METRICS = {name: kind.metrics for name, kind in KINDS.items()}
+DEFAULT_METRICS = {name: kind.default_metrics for name, kind in KINDS.items()}
 DIRECTIONS = {"higher": True, "lower": False}
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
+    """One task of the experiment: built once (`task_specs`) and used by every layer."""
+
     name: str
-    kind: str  # "classification" | "regression"
+    kind: str  # "classification" | "regression": a key of kinds.KINDS
     label_key: str
     num_classes: int  # 0 for regression
     exits: tuple[int, ...]  # the exits whose head predicts the task, shallow -> deep
@@ -47,39 +53,41 @@ class TaskSpec:
         """The exit the task is judged at: its deepest one."""
         return f"exit{self.exits[-1]}"
 
+    @property
+    def task_kind(self) -> TaskKind:
+        """How this kind of task is trained, evaluated and predicted (kinds.py)."""
+        return get_kind(self.kind)
 
-def _config_error(message: str) -> Exception:
-    from hisd_jax.config import ConfigError  # noqa: PLC0415 (config imports this module)
-
-    return ConfigError(message)
+    @property
+    def num_outputs(self) -> int:
+        """The width of the task's head at each of its exits."""
+        return self.task_kind.num_outputs(self.num_classes)
 
 
 def check_metrics_field(metrics, tasks: Sequence[str]) -> None:
     """Validates `mtl.metrics` without the data set (names and directions only)."""
     for task, chosen in metrics.items():
         if task not in tasks:
-            raise _config_error(f"mtl.metrics names {task!r}, which is not in data.tasks")
+            raise ConfigError(f"mtl.metrics names {task!r}, which is not in data.tasks")
         if not hasattr(chosen, "items") or not chosen:
-            raise _config_error(
+            raise ConfigError(
                 f"mtl.metrics.{task} must map metric names to 'higher' or 'lower', e.g. "
                 "{'accuracy': 'higher'}"
             )
         for metric, direction in chosen.items():
             if metric not in METRIC_DIRECTIONS:
-                raise _config_error(
+                raise ConfigError(
                     f"mtl.metrics.{task}.{metric}: unknown metric; one of "
                     f"{', '.join(METRIC_DIRECTIONS)}"
                 )
             if direction not in DIRECTIONS:
-                raise _config_error(
+                raise ConfigError(
                     f"mtl.metrics.{task}.{metric}={direction!r} is not one of higher, lower"
                 )
 
 
 def _task_exits(config, task: str) -> tuple[int, ...]:
-    from hisd_jax.config import num_exits  # noqa: PLC0415
-
-    n = num_exits(config)
+    n = num_exits(config.model)
     chosen = config.model.task_exits.get(task)
     return tuple(range(n)) if chosen is None else tuple(e for e in chosen if e < n)
 
@@ -88,19 +96,25 @@ def task_specs(config, dataset_tasks: Mapping) -> list[TaskSpec]:
     """The TaskSpec of every task in `config.data.tasks`, in order.
 
     `dataset_tasks` is the data set's {name: TaskInfo} (`Dataset.tasks`).
+
+    Raises:
+      ConfigError: a task the data set does not offer, or a bad `mtl.metrics` entry.
     """
     overrides = config.mtl.get("metrics") or {}
     check_metrics_field(overrides, tuple(config.data.tasks))
     specs = []
     for name in config.data.tasks:
         if name not in dataset_tasks:
-            raise _config_error(f"data.tasks: {name!r} is not one of {', '.join(dataset_tasks)}")
+            raise ConfigError(
+                f"data.tasks={tuple(config.data.tasks)}: {name!r} is not one of "
+                f"{', '.join(dataset_tasks)}"
+            )
         info = dataset_tasks[name]
         if name in overrides:
             metrics = {m: DIRECTIONS[d] for m, d in overrides[name].items()}
             wrong = [m for m in metrics if m not in KIND_METRICS[info.kind]]
             if wrong:
-                raise _config_error(
+                raise ConfigError(
                     f"mtl.metrics.{name}.{wrong[0]}: task {name!r} is {info.kind}; its metrics "
                     f"are {', '.join(KIND_METRICS[info.kind])}"
                 )
@@ -162,7 +176,7 @@ def _replace(config, updates: dict):
 def single_task_config(config, task: str, seed: int | None = None, name: str | None = None):
     """The single-task baseline of `task`: only that task, EW, everything else unchanged."""
     if task not in config.data.tasks:
-        raise _config_error(
+        raise ConfigError(
             f"single={task!r} is not one of the experiment's tasks {', '.join(config.data.tasks)}"
         )
     updates = {
@@ -212,14 +226,12 @@ def parse_method(token: str, default_space: str = "param") -> tuple[str, str]:
 
     Loss weightings have no space; theirs is reported as 'param'.
     """
-    from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES  # noqa: PLC0415
-
     name, _, space = token.strip().partition("@")
     if name not in STRATEGIES:
-        raise _config_error(f"method {token!r}: {name!r} is not one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"method {token!r}: {name!r} is not one of {', '.join(STRATEGIES)}")
     space = space or default_space
     if space not in SPACES:
-        raise _config_error(f"method {token!r}: space {space!r} is not one of {', '.join(SPACES)}")
+        raise ConfigError(f"method {token!r}: space {space!r} is not one of {', '.join(SPACES)}")
     return name, (space if name in GRADIENT_METHODS else "param")
 
 

@@ -34,6 +34,13 @@ def masked_mean(x: Array, mask: Array | None = None) -> Array:
     return jnp.sum(mask * x) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def mix_targets(hard: Array, soft: Array, soft_weight) -> Array:
+    """``(1 - m)·hard + m·soft`` for two losses of the same shape, ``m = soft_weight`` (may be
+    traced); exactly ``hard`` where ``m == 0``, even if ``soft`` is not finite."""
+    m = jnp.asarray(soft_weight, jnp.float32)
+    return jnp.where(m == 0, hard, (1.0 - m) * hard + m * soft)
+
+
 def cross_entropy(logits: Array, labels: Array, mask: Array | None = None) -> Array:
     """Mean over examples of ``-log softmax(logits)[label]``.
 

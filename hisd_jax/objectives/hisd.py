@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hisd_jax.objectives.distill import cross_entropy, feature_l2, kd_kl, soft_cross_entropy
+from hisd_jax.objectives.distill import (
+    cross_entropy,
+    feature_l2,
+    kd_kl,
+    mix_targets,
+    soft_cross_entropy,
+)
 
 Array = jax.Array
 
@@ -157,6 +163,7 @@ def hisd_loss(
     progress=1.0,
     mask: Array | None = None,
     targets: Array | None = None,
+    soft_weight=1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """The HiSD loss (module docstring) and its unweighted terms.
 
@@ -169,7 +176,10 @@ def hisd_loss(
       progress: training progress in [0, 1] for the CE-weight ramp; may be traced.
       mask: optional ``[B]``; rows with ``mask == 0`` (padding) are ignored by every term.
       targets: optional ``[B, C]`` soft labels; if given, every CE term is the soft cross-entropy
-        against them instead of the hard labels.
+        against them instead of the hard labels (or mixed with the hard one, below).
+      soft_weight: with both ``labels`` and ``targets``, each CE term is
+        ``(1 - m)·CE(z, y) + m·CE(z, targets)`` with ``m = soft_weight`` (a scalar in [0, 1],
+        may be traced); ``m == 0`` gives exactly the hard-label term.
 
     Returns:
       ``(loss, metrics)`` with flat scalar metrics ``ce/exit{e}`` (0-based), ``kd``, ``hier``,
@@ -190,8 +200,15 @@ def hisd_loss(
         )
     if targets is None:
         ce = [cross_entropy(z, labels, mask) for z in logits]
-    else:
+    elif labels is None:
         ce = [soft_cross_entropy(z, targets, mask) for z in logits]
+    else:
+        ce = [
+            mix_targets(
+                cross_entropy(z, labels, mask), soft_cross_entropy(z, targets, mask), soft_weight
+            )
+            for z in logits
+        ]
     w = ce_weights(weights, progress)
     loss = sum(w[e] * ce[e] for e in range(num_exits))
 

@@ -1,0 +1,152 @@
+"""An experiment built from a config: data, tasks, model, objective, strategy, optimizer, mesh.
+
+`build_experiment(config)` validates the config and builds every component by name, compiling
+nothing and touching no file; `init_state(exp)` creates the train state directly with its
+shardings. Training (`train.py`, `loop.py`), benchmarks, evaluation and export all start here.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from hisd_jax import config as config_lib
+from hisd_jax import data as data_lib
+from hisd_jax import optim, parallel, programs
+from hisd_jax.errors import ConfigError
+from hisd_jax.models import build_model, exit_positions, model_section
+from hisd_jax.mtl import strategy as strategy_lib
+from hisd_jax.mtl.tasks import TaskSpec, task_specs
+from hisd_jax.objectives.objective import Objective, build_objective
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray  # int32 scalar: steps (units of work) taken
+    params: Any
+    batch_stats: Any  # BatchNorm running statistics ({} without BatchNorm)
+    opt_state: Any  # optimizer state of {"model": params, "strategy": strategy_params}
+    strategy_params: Any  # learnable MTL strategy parameters (UW's log-variances), else {}
+    strategy_state: Any  # MTL strategy state (DWA's losses, GradVac's targets, ...), else {}
+    program: Any  # the training program's state (programs/), {} for the standard program
+    rng: jnp.ndarray  # uint32 key data; step keys are fold_in(rng, step)
+    bad_step: jnp.ndarray  # int32: state.step before the first non-finite update, -1 if none
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config, shared by training, benchmarks and evaluation."""
+
+    config: Any
+    dataset: data_lib.Dataset
+    tasks: list[TaskSpec]
+    model: Any
+    objective: Objective
+    strategy: strategy_lib.Strategy
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Any
+    param_labels: Any  # label tree of the model's parameters (models/labels.py)
+    steps_per_epoch: int  # training-stream batches per pass over the train split
+    program: Any = None  # the training program (programs/), set by build_experiment
+
+    @property
+    def exit_names(self):
+        return self.model.exit_names
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def batch_keys(self, train: bool) -> tuple[str, ...]:
+        """The batch fields the jitted steps read (the loader's other fields stay on host)."""
+        keys = ("image", "index", "position", *(t.label_key for t in self.tasks))
+        return keys if train else (*keys, "mask")
+
+
+def build_experiment(config) -> Experiment:
+    """Validates the config and builds data, model, objective and optimizer (no compile).
+
+    Raises:
+      ConfigError: the first invalid field (one line naming it and the allowed values).
+    """
+    config_lib.validate(config)
+    dataset = data_lib.get_dataset(config.data.name, seed=config.data.seed, **config.data.kwargs)
+    tasks = task_specs(config, dataset.tasks)
+    model_cfg = model_section(config)
+    model = build_model(model_cfg, tasks)
+    depths = exit_positions(model_cfg)[: model.num_exits]
+    try:
+        objective = build_objective(config.objective, tasks, depths)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    steps_per_epoch = data_lib.steps_per_epoch(
+        len(dataset.splits["train"]), config.train.batch_size
+    )
+    strategy = build_strategy(config, tasks, steps_per_epoch)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *dataset.image_shape)))
+    )
+    exp = Experiment(
+        config,
+        dataset,
+        tasks,
+        model,
+        objective,
+        strategy,
+        optim.build_optimizer(config.optimizer, config.train.steps),
+        optim.schedule(config.optimizer, config.train.steps),
+        parallel.make_mesh(),
+        model.param_labels(abstract["params"]),
+        steps_per_epoch,
+    )
+    try:
+        exp.program = programs.program_class(config.program.name)(exp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return exp
+
+
+def build_strategy(config, tasks, steps_per_epoch: int) -> strategy_lib.Strategy:
+    """The MTL strategy of `config.mtl` (EW for a single task reduces to the plain loss)."""
+    try:
+        return strategy_lib.build_strategy(
+            config.mtl.method,
+            [t.name for t in tasks],
+            space=config.mtl.space,
+            backward=config.mtl.backward,
+            steps_per_epoch=steps_per_epoch,
+            **config.mtl.hparams.to_dict(),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"mtl: {e}") from e
+
+
+def init_state(exp: Experiment) -> TrainState:
+    """Creates the train state directly with replicated shardings (no host copy)."""
+    shape = (1, *exp.dataset.image_shape)
+
+    def init(seed):
+        key = jax.random.key(seed)
+        variables = exp.model.init(key, jnp.zeros(shape, jnp.float32))
+        params = variables["params"]
+        strategy_params, strategy_state = exp.strategy.init()
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=exp.tx.init({"model": params, "strategy": strategy_params}),
+            strategy_params=strategy_params,
+            strategy_state=strategy_state,
+            program=exp.program.init_state() if exp.program is not None else {},
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            bad_step=jnp.full((), -1, jnp.int32),
+        )
+
+    replicated = parallel.replicated(exp.mesh)
+    abstract = jax.eval_shape(init, exp.config.seed)
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(exp.config.seed)

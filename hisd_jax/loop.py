@@ -1,0 +1,232 @@
+"""The training loop every program shares.
+
+The loop owns what every run needs, whatever its unit of work: the workdir (config check,
+config.json), the training iterator, Orbax checkpointing with automatic resume, preemption
+(SIGTERM, or JAX's synchronised preemption point on several processes), the non-finite guard,
+the metric writer (metrics.jsonl + TensorBoard), the progress bar, and the periodic actions
+(log every `train.log_every` steps, validate every `train.eval_every`, checkpoint every
+`train.checkpoint_every`). The program (`programs/`) decides what one unit of work is and
+what happens after each validation.
+
+Steps are optimizer steps (`TrainState.step`); a unit takes `program.updates_per_unit` of
+them, and a periodic action runs after the unit in which its step count was reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+from absl import logging
+
+from hisd_jax import checkpointing, jsonio, parallel, steps
+from hisd_jax import config as config_lib
+from hisd_jax import data as data_lib
+from hisd_jax import metrics as metrics_lib
+from hisd_jax.errors import ConfigError
+from hisd_jax.experiment import Experiment, TrainState, init_state
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between units (save, then stop).
+
+    With several processes the flag is left to JAX: each process sees the signal between
+    different steps, and stopping where each saw it deadlocks the job (one process saving,
+    another in the next step's collectives). jax.distributed.initialize attaches its
+    preemption sync manager to SIGTERM; it picks one step for all processes, reported by
+    `Checkpointer.reached_preemption(step)`, which the loop asks after every unit.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() > 1:  # keep JAX's synchronised SIGTERM handling
+            return self
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *_):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_workdir_config(workdir: str, config) -> None:
+    """Raises ConfigError if `workdir` holds a run of a different config (resumable fields and
+    fields added to the defaults since that run, at their default value, excepted)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    defaults = json.loads(config_lib.base_config().to_json_best_effort())
+    stored = config_lib.fill_defaults(stored, defaults)
+    current = json.loads(config.to_json_best_effort())
+    changed = [f for f in config_lib.diff(stored, current) if f not in config_lib.RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"workdir {workdir} holds a run with a different config (changed: {', '.join(changed)}); "
+            "use a new --workdir or the same config to resume"
+        )
+
+
+def prepare_workdir(workdir: str, config) -> None:
+    """Checks a resumed workdir's config, creates the workdir, writes config.json once
+    (process 0, atomically)."""
+    check_workdir_config(workdir, config)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):  # a resume compares against it: written once
+        jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: a periodic action is due."""
+    return bool(every) and after // every > before // every
+
+
+@dataclasses.dataclass
+class TrainInfo:
+    start: int  # the step the run started (or resumed) from
+    end: int  # the step it ended at
+    wall_time_s: float
+
+
+class Loop:
+    """One run of `exp.program` in `workdir` (see the module docstring).
+
+    Use as a context manager: `with Loop(exp, workdir) as loop: state = loop.run()`.
+    """
+
+    def __init__(self, exp: Experiment, workdir: str):
+        cfg = exp.config.train
+        self.exp, self.workdir, self.program = exp, workdir, exp.program
+        self.ckpt = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            every=cfg.checkpoint_every,
+            keep=cfg.keep_checkpoints,
+        )
+        self.iterator = data_lib.BatchIterator(
+            exp.dataset.splits["train"],
+            cfg.batch_size,
+            seed=exp.config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        self.writer = metrics_lib.MetricWriter(workdir)
+        self.eval_step = steps.make_eval_step(exp)
+        self._sharding = parallel.batch_sharded(exp.mesh)
+        self._keys = exp.batch_keys(train=True)
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.iterator.close()
+        self.writer.close()
+        self.ckpt.close()
+
+    # ------------------------------------------------------------------ state
+    def restore_or_init(self) -> TrainState:
+        """The latest checkpoint's state (and iterator position), or a fresh state."""
+        state = init_state(self.exp)
+        if self.ckpt.latest_step() is not None:
+            shardings = jax.tree.map(lambda x: x.sharding, state)
+            state, data_state, _ = self.ckpt.restore(checkpointing.abstract_like(state, shardings))
+            self.iterator.set_state(data_state)
+            logging.info("Resumed from step %d in %s", int(state.step), self.workdir)
+        return state
+
+    def evaluate(self, state: TrainState, split: str) -> dict:
+        """{task: {exit: metrics}} of `state` on `split`."""
+        return steps.evaluate(self.exp, state, split, self.eval_step)
+
+    def save(self, step: int, state: TrainState) -> None:
+        self._check_finite(state, step)
+        self.ckpt.save(step, state, self.iterator.get_state(), force=True)
+
+    def _check_finite(self, state: TrainState, step: int) -> None:
+        bad = int(state.bad_step)
+        if bad >= 0:
+            self.ckpt.wait()
+            last = self.ckpt.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss, gradient or parameters at step {bad + 1} (stopped at step "
+                f"{step}); the last good checkpoint (step {last}) is kept in "
+                f"{self.workdir}/checkpoints. Lower optimizer.lr, set optimizer.grad_clip, or "
+                "check the data."
+            )
+
+    def _next_batches(self) -> list[dict]:
+        out = []
+        for _ in range(self.program.batches_per_unit):
+            local = next(self.iterator)
+            out.append(parallel.global_batch({k: local[k] for k in self._keys}, self._sharding))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, state: TrainState) -> tuple[TrainState, TrainInfo]:
+        """Runs units until `train.steps` (or `program.done`); returns the state and timing."""
+        cfg = self.exp.config.train
+        total, per_unit = cfg.steps, self.program.updates_per_unit
+        start = step = int(state.step)
+        progress = metrics_lib.Progress(total, start, enabled=cfg.progress)
+        t0, sums, n_sums = time.perf_counter(), None, 0
+        finished = self.program.done(state)  # a resumed run whose program had stopped early
+        with _Preemption() as preemption:
+            while step < total and not finished:
+                before, step = step, step + per_unit
+                state, sums = self.program.run_unit(state, sums, self._next_batches())
+                n_sums += 1
+                last = step >= total
+                if crossed(before, step, cfg.log_every) or last:
+                    self._check_finite(state, step)
+                    mean = {k: float(v) / n_sums for k, v in jax.device_get(sums).items()}
+                    self.writer.write(step, "train", mean)
+                    progress.update(step, mean["loss"])
+                    sums, n_sums = None, 0
+                stop = False
+                if crossed(before, step, cfg.eval_every) and not last:
+                    val = self.evaluate(state, "val")
+                    self.writer.write(step, "val", flat_metrics(val))
+                    state = self.program.after_eval(state, step, val)
+                    stop = self.program.done(state)
+                preempted = preemption.requested or self.ckpt.reached_preemption(step)
+                if crossed(before, step, cfg.checkpoint_every) or last or stop or preempted:
+                    self.save(step, state)
+                if preempted:
+                    self.ckpt.wait()
+                    logging.warning(
+                        "Preempted at step %d; checkpoint saved, rerun to resume.", step
+                    )
+                    raise SystemExit(143)
+                if stop:
+                    break
+        progress.close()
+        wall = time.perf_counter() - t0
+        self.ckpt.wait()
+        return state, TrainInfo(start=start, end=step, wall_time_s=wall)
+
+
+def flat_metrics(split_metrics: dict) -> dict:
+    """{task: {exit: {metric: v}}} -> {"task/exit/metric": v}."""
+    return {
+        f"{task}/{exit_name}/{k}": v
+        for task, per_exit in split_metrics.items()
+        for exit_name, m in per_exit.items()
+        for k, v in m.items()
+    }

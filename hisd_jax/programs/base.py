@@ -1,0 +1,80 @@
+"""The program protocol: what one unit of work is and what happens at evaluation time.
+
+The loop (`loop.py`) calls, in this order:
+
+  program.init_state()                     the program's state pytree (inside the jitted init;
+                                           it lives in `TrainState.program`, so it is
+                                           checkpointed, restored and replicated with the rest)
+  program.run_unit(state, sums, batches)   one unit of work on `batches_per_unit` global
+                                           batches of the training stream; it adds its metrics
+                                           to `sums` (None after a log step) and takes exactly
+                                           `updates_per_unit` optimizer steps (`state.step`)
+  program.after_eval(state, step, val)     host side, after each periodic validation; may
+                                           return a changed state (e.g. switch a task's loss)
+  program.done(state)                      asked at evaluation steps: stop before the budget
+  program.results(state)                   extra entries for results.json
+
+A subclass usually only writes `make_unit_fn`, returning a pure function `(state, sums,
+*batches) -> (state, sums)` composed from `steps.py` (the base class jits it with donated state
+and sums); see `standard.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hisd_jax import steps
+
+
+class Program:
+    """Base class of training programs (see the module docstring)."""
+
+    name = "base"
+    batches_per_unit = 1  # training-stream batches one unit consumes
+    updates_per_unit = 1  # optimizer steps (increments of state.step) one unit takes
+
+    def __init__(self, exp):
+        self.exp = exp
+        self._unit = None
+        self._zeros = None
+
+    # ---------------------------------------------------------------- state
+    def init_state(self) -> Any:
+        """The program's initial state pytree (traced inside the jitted init)."""
+        return {}
+
+    # ---------------------------------------------------------------- the unit of work
+    def make_unit_fn(self):
+        """A pure `(state, sums, *batches) -> (state, sums)`; subclasses define it."""
+        raise NotImplementedError
+
+    @property
+    def unit(self):
+        """The unit function jitted as the loop runs it (`steps.jit_unit`), built once."""
+        if self._unit is None:
+            self._unit = steps.jit_unit(self.exp, self.make_unit_fn(), self.batches_per_unit)
+        return self._unit
+
+    def run_unit(self, state, sums, batches: list[dict]):
+        """One unit of work; `sums` None starts new metric sums. Returns (state, sums)."""
+        if sums is None:
+            if self._zeros is None:
+                self._zeros = steps.metric_sums_zeros_fn(self.exp, self.unit, state, *batches)
+            sums = self._zeros()
+        return self.unit(state, sums, *batches)
+
+    # ---------------------------------------------------------------- evaluation time
+    def after_eval(self, state, step: int, val_metrics: dict):
+        """Called after each periodic validation with {task: {exit: metrics}}; returns state."""
+        del step, val_metrics
+        return state
+
+    def done(self, state) -> bool:
+        """Whether training may stop before `train.steps` (asked at evaluation steps)."""
+        del state
+        return False
+
+    def results(self, state) -> dict:
+        """Extra entries for results.json (e.g. convergence steps)."""
+        del state
+        return {}

@@ -1,0 +1,80 @@
+"""Reading a trained workdir back, for the commands that work on one (`evaluate`, `export`,
+`compare`), and the one-line flag errors those commands share.
+
+  load_config(workdir)     its config.json, with fields added since the run at their defaults
+  load_workdir(workdir)    (Experiment, {'params', 'batch_stats'}) of its latest checkpoint
+  split_arrays(exp, ...)   a whole split as host arrays, in order
+                           bad flag (unknown flag or value, missing required flag)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from hisd_jax import config as config_lib
+from hisd_jax import parallel
+from hisd_jax.data import eval_batches
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The workdir's config.json; fields added to `base_config` since the run take defaults."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+
+    def fill(stored, defaults):
+        for key, value in defaults.items():
+            if key not in stored:
+                stored[key] = value
+            elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+                stored[key], ml_collections.ConfigDict
+            ):
+                fill(stored[key], value)
+
+    fill(config, config_lib.base_config())
+    return config
+
+
+def load_workdir(workdir: str):
+    """(Experiment, variables {'params', 'batch_stats'}) of a workdir's latest checkpoint.
+
+    Only what inference needs is taken from the checkpoint (not the optimizer or MTL
+    strategy state); its structure is checked against the model of config.json.
+    """
+    config = load_config(workdir)  # first: a missing workdir fails before heavy imports
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from hisd_jax import experiment  # noqa: PLC0415
+
+    exp = experiment.build_experiment(config)
+    replicated = parallel.replicated(exp.mesh)
+    like = jax.eval_shape(lambda: experiment.init_state(exp))
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    variables = {}
+    for key in ("params", "batch_stats"):
+        got = saved.state.get(key) or {}
+        if jax.tree.structure(got) != jax.tree.structure(getattr(like, key)):
+            raise ValueError(
+                f"checkpoint {key} in {directory} do not match the model of config.json"
+            )
+        variables[key] = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), got)
+    return exp, variables
+
+
+def split_arrays(exp, split: str, label_key: str):
+    """Host images [N, ...] and labels [N] of a whole split (read once, in order)."""
+    images, labels = [], []
+    for batch in eval_batches(exp.dataset.splits[split], exp.config.train.eval_batch_size):
+        real = batch["mask"] > 0
+        images.append(batch["image"][real])
+        labels.append(batch[label_key][real])
+    return np.concatenate(images), np.concatenate(labels)
