@@ -104,6 +104,18 @@ def base_config() -> ml_collections.ConfigDict:
     # (hisd_jax/programs: "standard" = one batch, one update).
     c.program = ml_collections.ConfigDict()
     c.program.name = "standard"
+    # KD from converged tasks (kd_joint, kd_sequential; programs/kd_converged.py): a task has
+    # converged after `patience` validations (train.eval_every) without improving its judging
+    # metric by more than `min_delta`; its soft labels are softmax(z / temperature) of its
+    # best parameters, optionally top_k (0 = all classes) and stored as label_dtype; its loss
+    # becomes hard_weight * loss(labels) + (1 - hard_weight) * loss(soft labels).
+    c.program.patience = 3
+    c.program.min_delta = 0.0
+    c.program.temperature = 1.0
+    c.program.hard_weight = 0.0
+    c.program.top_k = 0
+    c.program.label_dtype = "float32"
+    c.program.order = ()  # kd_sequential: the order tasks enter in; () = data.tasks
     return c
 
 

@@ -5,7 +5,9 @@ unit of work and its evaluation-time actions. Programs are chosen by name (`prog
 the config) from this registry; the modules are imported lazily, so reading the names (as
 config validation does) imports nothing heavy.
 
-  standard   one batch -> one update (programs/standard.py)
+  standard        one batch -> one update (programs/standard.py)
+  kd_joint        KD from converged tasks, all tasks from the start (programs/kd_converged.py)
+  kd_sequential   KD from converged tasks, tasks entering one at a time
 
 A new program: a module here with a `Program` subclass, and one line in `_PROGRAMS`.
 """
@@ -15,6 +17,8 @@ import importlib
 # name -> (module under hisd_jax.programs, class name)
 _PROGRAMS = {
     "standard": ("standard", "StandardProgram"),
+    "kd_joint": ("kd_converged", "KDJointProgram"),
+    "kd_sequential": ("kd_converged", "KDSequentialProgram"),
 }
 PROGRAMS: tuple[str, ...] = tuple(_PROGRAMS)
 
