@@ -56,7 +56,7 @@ def _task(exp, task):
     info = exp.tasks[0] if task is None else next((t for t in exp.tasks if t.name == task), None)
     if info is None:
         raise ValueError(f"task {task!r} is not one of {', '.join(t.name for t in exp.tasks)}")
-    if info.kind != "classification":
+    if not info.task_kind.has_confidence:
         raise ValueError(f"early exit needs a classification task; {info.name!r} is {info.kind}")
     return info
 

@@ -176,8 +176,7 @@ def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=No
         "exit": exp.exit_names[e],
         "exit_index": e,
         "num_exits_full_model": len(exp.exit_names),
-        "tasks": {t.name: t.num_classes for t in exp.tasks if t.kind == "classification"}
-        | {t.name: 1 for t in exp.tasks if t.kind != "classification"},
+        "tasks": {t.name: t.num_outputs for t in exp.tasks},
         "input": {"shape": ["batch", *image_shape], "dtype": "float32"},
         "params": param_count(flat),
         "variables": len(flat),
@@ -235,7 +234,7 @@ def exit_report(
             "argument_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),
         }
-        if task.kind == "classification":
+        if task.task_kind.has_confidence:
             row[f"{split}_accuracy"] = float(np.mean(logits[e].argmax(-1) == labels))
         rows.append(row)
     report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hisd_jax import metrics as metrics_lib
+from hisd_jax.mtl import converged_kd
 from hisd_jax.objectives import hisd
 from hisd_jax.objectives.distill import masked_mean, mix_targets
 
@@ -67,6 +68,10 @@ class TaskKind:
     loss: Callable  # see _classification_loss
     predict: Callable  # (outputs [B, n], temperature) -> teacher prediction per example
     uses_features: bool  # whether the HiSD feature-alignment term applies
+    # Soft-label tables of KD from converged tasks (mtl/converged_kd.py):
+    soft_table: Callable  # (rows [N, ...] of `predict`, num_classes, top_k, dtype) -> table
+    soft_rows: Callable  # (table, positions [B], num_classes) -> targets of `loss`'s `soft`
+    has_confidence: bool  # class probabilities: confidence-based early exit and accuracy apply
 
 
 KINDS: dict[str, TaskKind] = {
@@ -79,6 +84,11 @@ KINDS: dict[str, TaskKind] = {
         loss=_classification_loss,
         predict=lambda z, temperature: jax.nn.softmax(z.astype(jnp.float32) / temperature),
         uses_features=True,
+        soft_table=lambda rows, num_classes, top_k, dtype: converged_kd.compress(
+            rows, top_k, dtype
+        ),
+        soft_rows=converged_kd.soft_targets,
+        has_confidence=True,
     ),
     "regression": TaskKind(
         name="regression",
@@ -89,6 +99,9 @@ KINDS: dict[str, TaskKind] = {
         loss=_regression_loss,
         predict=lambda z, temperature: z[:, 0].astype(jnp.float32),
         uses_features=False,
+        soft_table=lambda rows, num_classes, top_k, dtype: {"pred": jnp.asarray(rows, jnp.float32)},
+        soft_rows=lambda table, positions, num_classes: table["pred"][positions],
+        has_confidence=False,
     ),
 }
 # metric -> higher is better, for every metric any kind reports.

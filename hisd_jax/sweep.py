@@ -107,16 +107,21 @@ def plan(config, methods, seeds, space=None) -> list[Run]:
             runs.append(Run(SINGLE, task, seed, os.path.join("single", task, f"seed{seed}"), cfg))
     labels = []
     for token in methods:
-        name, sp = tasks_lib.parse_method(token, space)
-        label = tasks_lib.method_label(name, sp)
+        program, name, sp = tasks_lib.parse_run(token, space)
+        label = tasks_lib.method_label(name, sp, program)
         if label in labels:
             raise SweepError(f"--methods names {label!r} twice")
         labels.append(label)
         for seed in seeds:
             cfg = tasks_lib.method_config(
-                config, name, sp, seed=seed, name=f"{config.name}:{label}:seed{seed}"
+                config,
+                name,
+                sp,
+                seed=seed,
+                name=f"{config.name}:{label}:seed{seed}",
+                program=program,
             )
-            subdir = os.path.join(label.replace("@", "_"), f"seed{seed}")
+            subdir = os.path.join(label.replace("@", "_").replace("+", "_"), f"seed{seed}")
             runs.append(Run(label, None, seed, subdir, cfg))
     for run in runs:  # every run is checked before the first one trains
         try:

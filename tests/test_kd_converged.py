@@ -300,3 +300,36 @@ def test_sigkill_after_a_task_converged_resumes_bitwise(pytestconfig, tmp_path_f
     assert state[converged[0]].tolist() == [8, 16, 24]
     with open(killed / "results.json") as f:
         assert json.load(f)["train"]["resumed_from"] >= 12
+
+
+# --------------------------------------------------------------------------- sweep and figure
+def test_sweep_tokens_name_a_program_and_its_method():
+    from hisd_jax import sweep  # noqa: PLC0415
+    from hisd_jax.mtl import tasks as tasks_lib  # noqa: PLC0415
+
+    assert tasks_lib.parse_run("pcgrad@rep") == ("standard", "pcgrad", "rep")
+    assert tasks_lib.parse_run("kd_joint") == ("kd_joint", "ew", "param")
+    assert tasks_lib.parse_run("kd_sequential+cagrad@rep") == ("kd_sequential", "cagrad", "rep")
+    assert tasks_lib.method_label("cagrad", "rep", "kd_joint") == "kd_joint+cagrad@rep"
+    assert tasks_lib.method_label("ew", "param", "kd_joint") == "kd_joint"
+    with pytest.raises(ConfigError, match="nope"):
+        tasks_lib.parse_run("nope+ew")
+    runs = sweep.plan(kd_config(), ["ew", "kd_joint", "kd_sequential+pcgrad"], [0])
+    by_label = {r.label: r for r in runs}
+    assert by_label["kd_joint"].config.program.name == "kd_joint"
+    assert by_label["kd_joint"].config.mtl.method == "ew"
+    assert by_label["kd_sequential+pcgrad"].config.mtl.method == "pcgrad"
+    assert by_label["ew"].config.program.name == "standard"
+    assert all(r.config.program.name == "standard" for r in runs if r.task)  # baselines
+
+
+def test_kd_curves_figure(joint_run, tmp_path):
+    from hisd_jax import plots  # noqa: PLC0415
+
+    *_, workdir = joint_run
+    curves = plots.validation_curves(workdir)
+    assert set(curves) == set(TASKS) and [s for s, _ in curves["left"]] == [4, 8]
+    out = str(tmp_path / "curves.png")
+    plots.kd_curves([workdir], out)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -108,14 +108,14 @@ def preflight_error(pytestconfig, tmp_path_factory):
     return "; ".join(errors) or None
 
 
-def launch(workdir, env):
+def launch(workdir, env, arg=ARG):
     """Starts launch/local_multiprocess.sh with PROCESSES x LOCAL_DEVICES on `workdir`.
 
     Its output goes to a file (a pipe nobody reads while we wait could fill and block it).
     """
     out = open(f"{workdir}.launch.log", "a")
     proc = subprocess.Popen(
-        ["bash", LAUNCH, str(PROCESSES), f"tests/_workers.py:{ARG}", str(workdir)],
+        ["bash", LAUNCH, str(PROCESSES), f"tests/_workers.py:{arg}", str(workdir)],
         cwd=REPO,
         env={**env, "PYTHON": sys.executable, "LOCAL_DEVICES": str(LOCAL_DEVICES)},
         stdout=out,
@@ -315,3 +315,44 @@ def test_eval_metrics_match_single_process(job):
                 for k, v in metrics.items():
                     got = multi[split][task][name][k]
                     assert np.isclose(got, v, rtol=RTOL, atol=ATOL), (split, task, name, k, got, v)
+
+
+# KD from converged tasks: the labelling pass is collective (every process holds every row).
+# min_delta 1 + patience 1: the task converges at the second validation (step 8) and the run
+# stops there.
+KD_ARG = (
+    "program__name=kd_joint,program__patience=1,program__min_delta=1.0,program__temperature=2.0,"
+    "train__steps=24,train__batch_size=32,train__eval_batch_size=128,train__log_every=4,"
+    "train__eval_every=4,train__checkpoint_every=4"
+)
+
+
+def test_kd_soft_labels_and_parameters_match_single_process(pytestconfig, tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost_kd")
+    env = base_env(pytestconfig, tmp_path_factory)
+    multi, single = root / "multi", root / "single"
+    with open(f"{single}.log", "w") as out:
+        reference = subprocess.Popen(
+            [sys.executable, "tests/_workers.py", "train", str(single), KD_ARG],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        launched = launch(multi, env, KD_ARG)
+        log = finish(launched, multi)
+        check_launch(pytestconfig, tmp_path_factory, launched, log, multi, expect=0)
+        assert reference.wait(timeout=TIMEOUT) == 0, read(f"{single}.log")[-5000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    step, state, _ = restore_latest(get_config(KD_ARG), str(multi))
+    got = flat_state(state)
+    want = {k: v for k, v in load_npz(single / "final_state.npz").items() if not k.startswith("__")}
+    assert step == 8 and sorted(got) == sorted(want)
+    soft = [k for k in want if "'soft'" in k]
+    assert soft and int(got[".program['tracker']['converged_step']"][0]) == 8
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)

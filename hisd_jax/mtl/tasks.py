@@ -30,6 +30,7 @@ from hisd_jax.errors import ConfigError
 from hisd_jax.kinds import KINDS, METRIC_DIRECTIONS, TaskKind, get_kind
 from hisd_jax.models import num_exits
 from hisd_jax.mtl.strategy import GRADIENT_METHODS, SPACES, STRATEGIES
+from hisd_jax import programs
 
 # The metrics results.json holds for each task kind, and each kind's default judging metric.
 KIND_METRICS = {name: kind.metrics for name, kind in KINDS.items()}
@@ -187,6 +188,7 @@ def single_task_config(config, task: str, seed: int | None = None, name: str | N
         "mtl.space": "param",
         "mtl.hparams": {},
         "mtl.metrics": {k: v for k, v in (config.mtl.get("metrics") or {}).items() if k == task},
+        "program.name": "standard",
     }
     if seed is not None:
         updates["seed"] = seed
@@ -200,8 +202,10 @@ def method_config(
     seed: int | None = None,
     hparams=None,
     name: str | None = None,
+    program: str = "standard",
 ):
-    """`config` trained with MTL method `method` (in `space`, default the config's).
+    """`config` trained with MTL method `method` (in `space`, default the config's) by the
+    training program `program`.
 
     The method's hyper-parameters are `hparams`, else the config's own when it already uses
     `method`, else the method's defaults.
@@ -210,8 +214,10 @@ def method_config(
     if hparams is None:
         hparams = config.mtl.hparams.to_dict() if method == config.mtl.method else {}
     suffix = f"_{space}" if space != "param" else ""
+    prefix = f"{program}_" if program != "standard" else ""
     updates = {
-        "name": name or f"{config.name}_{method}{suffix}",
+        "name": name or f"{config.name}_{prefix}{method}{suffix}",
+        "program.name": program,
         "mtl.method": method,
         "mtl.space": space,
         "mtl.hparams": dict(hparams),
@@ -235,6 +241,29 @@ def parse_method(token: str, default_space: str = "param") -> tuple[str, str]:
     return name, (space if name in GRADIENT_METHODS else "param")
 
 
-def method_label(name: str, space: str) -> str:
-    """'pcgrad' for parameter space (and every loss weighting), 'pcgrad@rep' otherwise."""
-    return name if space == "param" else f"{name}@{space}"
+def parse_run(token: str, default_space: str = "param") -> tuple[str, str, str]:
+    """A sweep token -> (program, method, space).
+
+    'pcgrad@rep' -> ('standard', 'pcgrad', 'rep'); 'kd_joint' -> ('kd_joint', 'ew', 'param');
+    'kd_joint+cagrad' -> ('kd_joint', 'cagrad', default_space): a training program, optionally
+    with the MTL method it composes with (default EW).
+    """
+    head, plus, method = token.strip().partition("+")
+    program, _, _ = head.partition("@")
+    if program in programs.PROGRAMS and program != "standard":
+        name, space = parse_method(method if plus else "ew" + head[len(program) :], default_space)
+        return program, name, space
+    if plus:
+        raise ConfigError(
+            f"method {token!r}: {program!r} is not one of {', '.join(programs.PROGRAMS)}"
+        )
+    return ("standard", *parse_method(token, default_space))
+
+
+def method_label(name: str, space: str, program: str = "standard") -> str:
+    """'pcgrad' for parameter space (and every loss weighting), 'pcgrad@rep' otherwise;
+    'kd_joint' (EW) or 'kd_joint+pcgrad@rep' under another training program."""
+    label = name if space == "param" else f"{name}@{space}"
+    if program == "standard":
+        return label
+    return program if label == "ew" else f"{program}+{label}"

@@ -61,15 +61,17 @@ class KDJointProgram(Program):
         num = len(exp.tasks)
         n_train = len(exp.dataset.splits["train"])
         tables = {}
-        for task in exp.tasks:
-            if task.kind == "classification":
-                probs = np.full((1, task.num_classes), 1.0 / task.num_classes, np.float32)
-                row = kd.compress(probs, self.cfg.top_k, self.cfg.label_dtype)
-                tables[task.name] = {
-                    k: jnp.zeros((n_train, *v.shape[1:]), v.dtype) for k, v in row.items()
-                }
-            else:
-                tables[task.name] = {"pred": jnp.zeros((n_train,), jnp.float32)}
+        for task in exp.tasks:  # zeros shaped like the table the task's kind makes
+            kind, c = task.task_kind, max(task.num_classes, 1)
+            row = kind.soft_table(
+                np.full((1, c), 1.0 / c, np.float32) if kind.has_confidence else np.zeros(1),
+                task.num_classes,
+                self.cfg.top_k,
+                self.cfg.label_dtype,
+            )
+            tables[task.name] = {
+                k: jnp.zeros((n_train, *v.shape[1:]), v.dtype) for k, v in row.items()
+            }
         active = np.ones(num, np.float32) if not self.sequential else (self.rank == 0)
         return {
             "tracker": {k: jnp.asarray(v) for k, v in kd.init_tracker(num).items()},
@@ -87,7 +89,9 @@ class KDJointProgram(Program):
         def kd_step_fn(state, sums, batch):
             program = state.program
             soft = {
-                task.name: _batch_targets(task, program["soft"][task.name], batch["position"])
+                task.name: task.task_kind.soft_rows(
+                    program["soft"][task.name], batch["position"], task.num_classes
+                )
                 for task in exp.tasks
             }
             ctx = steps.LossContext(
@@ -171,10 +175,9 @@ class KDJointProgram(Program):
         rows = steps.predict(
             self.exp, variables["params"], variables["batch_stats"], "train", self._predict
         )[task.name][:, -1]  # the task's deepest exit is the teacher
-        if task.kind == "classification":
-            table = kd.compress(rows, self.cfg.top_k, self.cfg.label_dtype)
-        else:
-            table = {"pred": jnp.asarray(rows, jnp.float32)}
+        table = task.task_kind.soft_table(
+            rows, task.num_classes, self.cfg.top_k, self.cfg.label_dtype
+        )
         return jax.device_put(table, parallel.replicated(self.exp.mesh))
 
     def results(self, state) -> dict:
@@ -225,12 +228,6 @@ def _placeholder_params(exp) -> dict:
         jnp.zeros_like,
         {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
     )
-
-
-def _batch_targets(task, table, positions):
-    if task.kind == "classification":
-        return kd.soft_targets(table, positions, task.num_classes)
-    return table["pred"][positions]
 
 
 def _checked_config(exp, sequential: bool):

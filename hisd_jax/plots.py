@@ -1,0 +1,108 @@
+"""Figures from workdirs.
+
+  python -m hisd_jax.plots --workdirs runs/kd_ew,runs/kd_joint,runs/kd_seq --out kd_curves.png
+
+`kd_curves`: one panel per task, its judging metric on the validation split (the first of
+`mtl.metrics`, at the task's deepest exit) against the training step, one line per workdir,
+with a marker where KD from converged tasks declared the task converged and switched it to its
+soft labels (`results.json` "kd" entry; runs of other programs have no markers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from hisd_jax import cli
+from hisd_jax.workdir import load_config
+
+PROG = "hisd_jax.plots"
+
+
+def _events(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def judging_metric(config, task: str) -> tuple[str, bool]:
+    """(metric, higher is better) that judges `task` in `config` (mtl.metrics or the kind's)."""
+    chosen = dict(config.mtl.metrics).get(task)
+    if chosen:
+        metric, direction = next(iter(dict(chosen).items()))
+        return metric, direction == "higher"
+    return ("mae", False) if task == "ink" else ("accuracy", True)
+
+
+def validation_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{task: [(step, value of its judging metric at its deepest exit)]} from metrics.jsonl."""
+    config = load_config(workdir)
+    out = {}
+    for task in config.data.tasks:
+        metric, _ = judging_metric(config, task)
+        points = {}
+        for e in _events(workdir):
+            if e["split"] != "val":
+                continue
+            keys = [k for k in e if k.startswith(f"{task}/exit") and k.endswith(f"/{metric}")]
+            if keys:  # the deepest exit the task has
+                points[e["step"]] = e[max(keys, key=lambda k: int(k.split("/")[1][4:]))]
+        out[task] = sorted(points.items())
+    return out
+
+
+def kd_curves(workdirs: list[str], out: str) -> None:
+    """The figure of the module docstring, written to `out` (PNG)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    curves = {w: validation_curves(w) for w in workdirs}
+    tasks = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+    for w in workdirs:
+        label = os.path.basename(os.path.normpath(w))
+        results_path = os.path.join(w, "results.json")
+        converged = {}
+        if os.path.exists(results_path):
+            with open(results_path) as f:
+                converged = json.load(f).get("kd", {}).get("converged_step", {})
+        for ax, task in zip(axes[0], tasks):
+            steps_values = curves[w].get(task, [])
+            if not steps_values:
+                continue
+            xs, ys = zip(*steps_values)
+            (line,) = ax.plot(xs, ys, label=label, lw=1.2)
+            step = converged.get(task)
+            if step is not None and step in xs:
+                ax.plot([step], [ys[xs.index(step)]], "o", color=line.get_color(), ms=7)
+    config = load_config(workdirs[0])
+    for ax, task in zip(axes[0], tasks):
+        metric, higher = judging_metric(config, task)
+        ax.set_title(f"{task} ({metric}, {'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("validation curves; o = converged, switched to its soft labels", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
+    workdirs = [w for w in flags.FLAGS.workdirs.split(",") if w]
+    missing = [w for w in workdirs if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
+    if not workdirs or missing:
+        cli.fail(PROG, f"--workdirs: no metrics.jsonl in {', '.join(missing) or '(none given)'}")
+    kd_curves(workdirs, flags.FLAGS.out)
+    print(f"wrote {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdirs", None, "Comma-separated training workdirs.", required=True)
+    flags.DEFINE_string("out", "kd_curves.png", "The PNG to write.")
+    app.run(main, flags_parser=cli.flags_parser(PROG))
