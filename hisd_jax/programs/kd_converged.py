@@ -31,6 +31,8 @@ parameters and BatchNorm statistics (T copies of the model).
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,7 @@ class KDJointProgram(Program):
         self.order = tuple(self.cfg.order) or names
         self.rank = np.array([self.order.index(t) for t in names])  # entry rank per task
         self._predict = self._copy = self._eval_step = None
+        self.label_seconds = {}  # wall time of each labelling pass in this process (host side)
 
     # ------------------------------------------------------------------ state
     def init_state(self):
@@ -172,13 +175,16 @@ class KDJointProgram(Program):
         """The soft-label table of `task` from `variables` over the training split."""
         if self._predict is None:
             self._predict = steps.make_predict_step(self.exp, self.cfg.temperature)
+        t0 = time.perf_counter()
         rows = steps.predict(
             self.exp, variables["params"], variables["batch_stats"], "train", self._predict
         )[task.name][:, -1]  # the task's deepest exit is the teacher
         table = task.task_kind.soft_table(
             rows, task.num_classes, self.cfg.top_k, self.cfg.label_dtype
         )
-        return jax.device_put(table, parallel.replicated(self.exp.mesh))
+        table = jax.block_until_ready(jax.device_put(table, parallel.replicated(self.exp.mesh)))
+        self.label_seconds[task.name] = time.perf_counter() - t0
+        return table
 
     def results(self, state) -> dict:
         """Convergence steps and, per task, test metrics at its own best parameters."""
@@ -210,6 +216,9 @@ class KDJointProgram(Program):
                     t: kd.table_bytes_per_example(state.program["soft"][t]) for t in names
                 },
                 "selected_on_validation": per_task,
+                # Wall time of the labelling passes this process ran (a resumed run lists only
+                # those after the resume; the first includes compiling the predict step).
+                "label_pass_s": dict(self.label_seconds),
             }
         }
 
