@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 setup(
     name="hisd_jax",
     version="0.1.0",
-    description="Multi-exit and multitask training in JAX/Flax: HiSD, KD from converged tasks, alphaVIL.",
+    description="Multi-exit and multitask training in JAX/Flax: HiSD, KD from converged tasks, MTL baselines.",
     packages=find_packages(include=["hisd_jax", "hisd_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

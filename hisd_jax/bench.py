@@ -3,7 +3,8 @@
 `python -m hisd_jax.bench --config configs/hisd_multidigits.py [--steps 50] [--warmup 5]`
 
 Prints a table and one machine-readable line starting with `BENCH ` followed by JSON.
-The step is the trainer's own jitted, donating step on device-resident batches (the
+The step is the standard program's jitted, donating step (`steps.make_train_step`; other
+training programs are not benchmarked here) on device-resident batches (the
 input pipeline is measured separately as `data_ms_per_batch`). Peak memory is the
 device's `peak_bytes_in_use` where the backend reports it (GPU/TPU), else XLA's
 compiled memory analysis (arguments + outputs + temporaries) plus the process's peak

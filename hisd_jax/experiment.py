@@ -25,7 +25,7 @@ from hisd_jax.objectives.objective import Objective, build_objective
 
 @flax.struct.dataclass
 class TrainState:
-    step: jnp.ndarray  # int32 scalar: steps (units of work) taken
+    step: jnp.ndarray  # int32 scalar: optimizer steps taken (a unit of work may take several)
     params: Any
     batch_stats: Any  # BatchNorm running statistics ({} without BatchNorm)
     opt_state: Any  # optimizer state of {"model": params, "strategy": strategy_params}
@@ -107,6 +107,12 @@ def build_experiment(config) -> Experiment:
         exp.program = programs.program_class(config.program.name)(exp)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    per_unit = exp.program.updates_per_unit
+    if config.train.steps % per_unit:
+        raise ConfigError(
+            f"train.steps={config.train.steps} must be a multiple of {per_unit}: a unit of work "
+            f"of program {config.program.name!r} takes {per_unit} optimizer steps"
+        )
     return exp
 
 

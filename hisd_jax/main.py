@@ -7,7 +7,7 @@ before anything compiles or the workdir is touched.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from hisd_jax import config as config_lib
@@ -71,7 +71,6 @@ def main(argv):
 
     from hisd_jax import train  # pylint: disable=g-import-not-at-top
 
-    logging.info("Config:\n%s", FLAGS.config)
     try:  # train_and_evaluate validates everything before it touches the workdir
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_lib.ConfigError as e:

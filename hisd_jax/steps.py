@@ -287,7 +287,7 @@ def evaluate(exp: Experiment, state: TrainState, split: str, eval_step=None) -> 
 
 
 def make_predict_step(exp: Experiment, temperature: float = 1.0):
-    """Jitted (params, batch_stats, batch) -> {"position": [B], task: [B, E_t, ...]}.
+    """Jitted (params, batch_stats, batch) -> {"position": [B], "mask": [B], task: [B, E_t, ...]}.
 
     Per example and exit of each task, the task kind's prediction (`kinds.py`): class
     probabilities softmax(z / temperature) or the regression output. Replicated output, so

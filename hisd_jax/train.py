@@ -10,6 +10,7 @@ Workdir layout: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/, res
 import os
 
 import jax
+from absl import logging
 
 from hisd_jax import jsonio
 from hisd_jax import loop as loop_lib
@@ -47,6 +48,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     exp = build_experiment(config)
     loop_lib.prepare_workdir(workdir, config)
+    logging.info("Config (valid):\n%s", config)
     with loop_lib.Loop(exp, workdir) as loop:
         state = loop.restore_or_init()
         state, info = loop.run(state)

@@ -1,10 +1,9 @@
 """Reading a trained workdir back, for the commands that work on one (`evaluate`, `export`,
-`compare`), and the one-line flag errors those commands share.
+`compare`, `plots`).
 
   load_config(workdir)     its config.json, with fields added since the run at their defaults
   load_workdir(workdir)    (Experiment, {'params', 'batch_stats'}) of its latest checkpoint
   split_arrays(exp, ...)   a whole split as host arrays, in order
-                           bad flag (unknown flag or value, missing required flag)
 """
 
 from __future__ import annotations

@@ -9,5 +9,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# Reinstall only when this checkout or its setup.py changed (a rerun needs no network). A venv
+# serves one checkout: pointing HISD_VENV at another checkout's venv re-points its install.
+STAMP="$VENV/.hisd_jax_install"
+WANT="$(pwd) $(sha256sum setup.py | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import hisd_jax" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  echo "$WANT" > "$STAMP"
+fi
 export PY="$VENV/bin/python"

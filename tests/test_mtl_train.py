@@ -191,7 +191,7 @@ def reference_grads(exp, state, batch):
 
 
 def owner(path):
-    """The task whose head `out_<task>` holds this leaf (independent of strategy._owner)."""
+    """The task whose head `out_<task>` holds this leaf (independent of the model's label tree)."""
     names = [getattr(k, "key", "") for k in path]
     owners = [t for t in TASKS if f"out_{t}" in names]
     return owners[0] if owners else None
