@@ -2,8 +2,9 @@
 
 The setting of Lu et al. (NAACL 2022): tasks converge at different times, so some overfit
 while others still learn. The 5-task MultiDigits benchmark of `mtl_multidigits.py` with only
-`num_train` training canvases and a long budget: the digit tasks and the regression task peak
-early on validation and then decline, while `sum` keeps improving (see the README's curves).
+`num_train` training canvases, a constant learning rate and validation every 100 steps: the
+digit tasks reach their plateau by step ~500 while `sum` improves until ~1700 (on this data
+the curves plateau rather than decline after their peak).
 
 Run (EW, the paper's base, and the two KD settings):
   python -m hisd_jax.main --config configs/kd_multidigits.py --workdir runs/kd_ew
@@ -16,13 +17,29 @@ Sweep with Delta_m% against the single-task baselines:
       --methods ew,cagrad,nashmtl,kd_joint,kd_sequential --workdir runs/kd_sweep
 Figure (validation curves with the convergence markers):
   python -m hisd_jax.plots --workdirs runs/kd_ew,runs/kd_joint,runs/kd_seq --out kd_curves.png
-Expected time and result: see the README's KD section (measured there).
+Expected: ~3.5 min a run on 2 CPU cores (3000 steps, validation every 100). Seed 0, test split:
+EW left 84.6 / right 87.4 / sum 62.2 / same_parity 86.1 % / ink MAE 0.150; kd_joint 85.0 / 88.0
+/ 62.8 / 86.4 % / 0.157 (4 of 5 tasks converged by step 1500); kd_sequential finishes only 2
+tasks in 3000 steps (give it steps >= 5 x the time one task takes to converge).
 """
 
-from hisd_jax.config import base_config, parse_arg
+import importlib.util
+import os
+
+from hisd_jax.config import parse_arg
 from hisd_jax.mtl.tasks import method_config, single_task_config
 
-TASKS = ("left", "right", "sum", "same_parity", "ink")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _mtl_benchmark(arg):
+    """configs/mtl_multidigits.py (EW, every task) with `arg`."""
+    spec = importlib.util.spec_from_file_location(
+        "mtl_cfg", os.path.join(_HERE, "mtl_multidigits.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -37,29 +54,15 @@ def get_config(arg=None):
         patience=4,
         single="",
     )
-    c = base_config()
+    c = _mtl_benchmark(f"seed={arg.seed},steps={arg.steps}")
+    c.unlock()
     c.name = "kd_multidigits"
-    c.seed = arg.seed
-    c.data.name = "multidigits"
-    c.data.tasks = TASKS
     c.data.kwargs = {"num_train": arg.num_train}
-    c.model.name = "resnet"
-    c.model.stage_sizes = (1, 1, 1, 1)
-    c.model.width = 16
-    c.model.strides = (1, 2, 2, 1)
-    c.model.task_exits = {t: (3,) for t in TASKS}
-    c.objective.preset = "final_only"
-    c.mtl.metrics = {t: {"accuracy": "higher"} for t in TASKS if t != "ink"}
-    c.mtl.metrics.ink = {"mae": "lower"}
-    c.optimizer.name = "adam"
-    c.optimizer.lr = 3e-3
-    c.optimizer.schedule = "constant"
-    c.train.steps = arg.steps
-    c.train.batch_size = 128
-    c.train.log_every = 100
-    c.train.eval_every = 100
-    c.train.checkpoint_every = 500
+    c.optimizer.schedule = "constant"  # no decay that would hide overfitting
+    c.optimizer.warmup_steps = 0
+    c.train.eval_every = 100  # the validation curves convergence is tracked on
     c.program.patience = arg.patience
+    c.lock()
     if arg.single:
         return single_task_config(c, arg.single)
     return method_config(c, arg.method, arg.space, name=c.name, program=arg.program)

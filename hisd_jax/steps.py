@@ -145,7 +145,7 @@ def apply_update(
     )
     new = optax.apply_updates(trainable, updates)
     params, updates = new["model"], updates["model"]
-    grad_norm = optax.global_norm(model_grads)
+    grad_norm = optax.tree.norm(model_grads)
     # Finite loss and gradient can still overflow the parameters (huge lr): check them too.
     new_finite = jax.tree.reduce(lambda a, x: a & jnp.all(jnp.isfinite(x)), new, jnp.array(True))
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & new_finite & (state.bad_step < 0)
@@ -164,8 +164,8 @@ def apply_update(
     )
     metrics = {
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(params),
-        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
         "lr": exp.schedule(state.step),
     }
     return new_state, metrics

@@ -66,7 +66,8 @@ def define_flags() -> None:
     flags.DEFINE_list(
         "methods",
         None,
-        "MTL methods, name or name@space (e.g. ew,uw,pcgrad@rep); '' = baselines only.",
+        "MTL methods, name or name@space, or a training program with its method (kd_joint, "
+        "kd_sequential+cagrad@rep); e.g. ew,uw,pcgrad@rep,kd_joint; '' = baselines only.",
     )
     flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) for every method and baseline.")
     flags.DEFINE_string("space", None, "Default space of gradient methods (default: the config's).")
