@@ -22,6 +22,20 @@ class Objective:
     needs_projection: bool
 
 
+def _named_terms(terms: dict, exits: tuple[int, ...]) -> dict:
+    """A task's loss terms with its exits named as the model names them ('ce/exit{i}' of the
+    task's i-th exit -> 'ce/exit{exits[i]}'); the distillation terms only where the task has
+    more than one exit (with one they are always 0)."""
+    out = {}
+    for key, value in terms.items():
+        head, sep, index = key.rpartition("/exit")
+        if sep and index.isdigit():
+            out[f"{head}/exit{exits[int(index)]}"] = value
+        elif len(exits) > 1 or key not in ("kd", "hier", "feat"):
+            out[key] = value
+    return out
+
+
 def _overrides(obj_cfg) -> dict:
     out = {k: obj_cfg[k] for k in ("kd", "hier", "feat", "temperature") if obj_cfg[k] is not None}
     if obj_cfg.ce is not None:
@@ -77,7 +91,7 @@ def build_objective(obj_cfg, tasks, depths) -> Objective:
                 soft_weight=None if soft is None else ctx.soft_weight[i],
             )
             losses[task.name] = loss
-            metrics.update({f"{task.name}/{k}": v for k, v in terms.items()})
+            metrics.update({f"{task.name}/{k}": v for k, v in _named_terms(terms, e).items()})
         return losses, metrics
 
     return Objective(task_losses, weights, needs_projection)
