@@ -18,29 +18,21 @@ test accuracy of every method) and writes comparison.md and accuracy_vs_flops.pn
 See the README's results table for the measured numbers.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from hisd_jax.config import parse_arg
+from hisd_jax.config import config_from_file, parse_arg
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _experiment(arg):
-    spec = importlib.util.spec_from_file_location(
-        "hisd_cfg", os.path.join(_HERE, "hisd_multidigits.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, steps=2000, seed=0)
     c = ml_collections.ConfigDict()
-    c.base = _experiment(f"steps={arg.steps},seed={arg.seed}")
+    c.base = config_from_file(
+        os.path.join(_HERE, "hisd_multidigits.py"), f"steps={arg.steps},seed={arg.seed}"
+    )
     c.runs = {
         "final_only": {"name": "final_only", "objective": {"preset": "final_only"}},
         "sdn": {"name": "sdn", "objective": {"preset": "sdn"}},

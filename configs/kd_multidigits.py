@@ -23,23 +23,12 @@ EW left 84.6 / right 87.4 / sum 62.2 / same_parity 86.1 % / ink MAE 0.150; kd_jo
 tasks in 3000 steps (give it steps >= 5 x the time one task takes to converge).
 """
 
-import importlib.util
 import os
 
-from hisd_jax.config import parse_arg
+from hisd_jax.config import config_from_file, parse_arg
 from hisd_jax.mtl.tasks import method_config, single_task_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _mtl_benchmark(arg):
-    """configs/mtl_multidigits.py (EW, every task) with `arg`."""
-    spec = importlib.util.spec_from_file_location(
-        "mtl_cfg", os.path.join(_HERE, "mtl_multidigits.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -54,7 +43,9 @@ def get_config(arg=None):
         patience=4,
         single="",
     )
-    c = _mtl_benchmark(f"seed={arg.seed},steps={arg.steps}")
+    c = config_from_file(
+        os.path.join(_HERE, "mtl_multidigits.py"), f"seed={arg.seed},steps={arg.steps}"
+    )
     c.unlock()
     c.name = "kd_multidigits"
     c.data.kwargs = {"num_train": arg.num_train}

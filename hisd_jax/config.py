@@ -7,7 +7,9 @@ that into exit code 2 before the workdir is touched.
 """
 
 import ast
+import importlib.util
 import math
+import os
 
 import jax
 import ml_collections
@@ -117,6 +119,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.program.label_dtype = "float32"
     c.program.order = ()  # kd_sequential: the order tasks enter in; () = data.tasks
     return c
+
+
+def config_from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the experiment file at `path` (one config building on another)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"hisd_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -16,6 +16,8 @@ import os
 from absl import app, flags
 
 from hisd_jax import cli
+from hisd_jax import data as data_lib
+from hisd_jax.mtl.tasks import task_specs
 from hisd_jax.workdir import load_config
 
 PROG = "hisd_jax.plots"
@@ -26,23 +28,18 @@ def _events(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def judging_metric(config, task: str) -> tuple[str, bool]:
-    """(metric, higher is better) that judges `task` in `config` (mtl.metrics or the kind's)."""
-    chosen = dict(config.mtl.metrics).get(task)
-    if chosen:
-        metric, direction = next(iter(dict(chosen).items()))
-        return metric, direction == "higher"
-    return ("mae", False) if task == "ink" else ("accuracy", True)
+def judging_metrics(config) -> dict[str, tuple[str, bool]]:
+    """{task: (metric, higher is better)} judging each task (its `TaskSpec`'s first metric)."""
+    dataset = data_lib.get_dataset(config.data.name, seed=config.data.seed, **config.data.kwargs)
+    return {s.name: next(iter(s.metrics.items())) for s in task_specs(config, dataset.tasks)}
 
 
 def validation_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
     """{task: [(step, value of its judging metric at its deepest exit)]} from metrics.jsonl."""
-    config = load_config(workdir)
-    out = {}
-    for task in config.data.tasks:
-        metric, _ = judging_metric(config, task)
+    out, events = {}, _events(workdir)
+    for task, (metric, _) in judging_metrics(load_config(workdir)).items():
         points = {}
-        for e in _events(workdir):
+        for e in events:
             if e["split"] != "val":
                 continue
             keys = [k for k in e if k.startswith(f"{task}/exit") and k.endswith(f"/{metric}")]
@@ -78,9 +75,9 @@ def kd_curves(workdirs: list[str], out: str) -> None:
             step = converged.get(task)
             if step is not None and step in xs:
                 ax.plot([step], [ys[xs.index(step)]], "o", color=line.get_color(), ms=7)
-    config = load_config(workdirs[0])
+    judging = judging_metrics(load_config(workdirs[0]))
     for ax, task in zip(axes[0], tasks):
-        metric, higher = judging_metric(config, task)
+        metric, higher = judging[task]
         ax.set_title(f"{task} ({metric}, {'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -23,19 +23,9 @@ from hisd_jax.data import eval_batches
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The workdir's config.json; fields added to `base_config` since the run take defaults."""
     with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-
-    def fill(stored, defaults):
-        for key, value in defaults.items():
-            if key not in stored:
-                stored[key] = value
-            elif isinstance(value, ml_collections.ConfigDict) and isinstance(
-                stored[key], ml_collections.ConfigDict
-            ):
-                fill(stored[key], value)
-
-    fill(config, config_lib.base_config())
-    return config
+        stored = json.load(f)
+    defaults = json.loads(config_lib.base_config().to_json_best_effort())
+    return ml_collections.ConfigDict(config_lib.fill_defaults(stored, defaults))
 
 
 def load_workdir(workdir: str):
