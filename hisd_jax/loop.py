@@ -124,7 +124,7 @@ class Loop:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.writer = metrics_lib.MetricWriter(workdir)
+        self.writer = None  # opened by restore_or_init, which knows the step to resume from
         self.eval_step = steps.make_eval_step(exp)
         self._sharding = parallel.batch_sharded(exp.mesh)
         self._keys = exp.batch_keys(train=True)
@@ -137,18 +137,21 @@ class Loop:
 
     def close(self) -> None:
         self.iterator.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.ckpt.close()
 
     # ------------------------------------------------------------------ state
     def restore_or_init(self) -> TrainState:
         """The latest checkpoint's state (and iterator position), or a fresh state."""
-        state = init_state(self.exp)
+        state, resumed = init_state(self.exp), None
         if self.ckpt.latest_step() is not None:
             shardings = jax.tree.map(lambda x: x.sharding, state)
             state, data_state, _ = self.ckpt.restore(checkpointing.abstract_like(state, shardings))
             self.iterator.set_state(data_state)
-            logging.info("Resumed from step %d in %s", int(state.step), self.workdir)
+            resumed = int(state.step)
+            logging.info("Resumed from step %d in %s", resumed, self.workdir)
+        self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=resumed)
         return state
 
     def evaluate(self, state: TrainState, split: str) -> dict:

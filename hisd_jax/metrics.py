@@ -15,20 +15,36 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from hisd_jax import jsonio
+
 ECE_BINS = 15
 
 
 class MetricWriter:
-    """Appends events to `metrics.jsonl` and TensorBoard scalars under `tb/`."""
+    """Appends events to `metrics.jsonl` and TensorBoard scalars under `tb/`.
 
-    def __init__(self, workdir: str):
+    `resume_step`: the step a resumed run continues from. Events logged after it by the
+    interrupted run (it died between a log step and its next checkpoint) are dropped from
+    metrics.jsonl (rewritten atomically) and purged from TensorBoard, so every step is logged
+    once.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
+            if len(kept) != len(lines):
+                jsonio.write_text(path, "".join(kept))
+        self._jsonl = open(path, "a")
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), **purge)
 
     def write(self, step: int, split: str, scalars: dict) -> None:
         if not self.enabled:

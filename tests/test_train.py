@@ -396,3 +396,19 @@ def test_training_loop_compiles_each_step_function_once(run):
     # and the final val/test evaluation: one train step and one eval step program.
     assert compiled.count("step_fn") == 1, compiled
     assert compiled.count("eval_fn") == 1, compiled
+
+
+def test_a_resumed_run_drops_the_events_logged_after_its_checkpoint(tmp_path):
+    """A run killed between a log step and its next checkpoint logged steps that the resumed
+    run repeats: they are dropped, so metrics.jsonl holds each step once."""
+    from hisd_jax.metrics import MetricWriter  # noqa: PLC0415
+
+    writer = MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write(step, "train", {"loss": float(step)})
+    writer.close()
+    writer = MetricWriter(str(tmp_path), resume_step=3)  # the checkpoint it resumes from
+    writer.write(4, "train", {"loss": 40.0})
+    writer.close()
+    events = read_jsonl(str(tmp_path))
+    assert [(e["step"], e["loss"]) for e in events] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
