@@ -9,6 +9,9 @@ Saves are atomic (Orbax writes to a temporary directory and renames it), so a ki
 mid-save leaves the previous checkpoint intact. Saves happen every
 `checkpoint_every` steps, at the end, and at the first step after a preemption
 notice (SIGTERM on Cloud TPU / SLURM, seen through `reached_preemption`).
+
+Data a program writes once or rarely and that the rolling retention must not delete (KD soft
+labels, each task's best parameters) lives beside them in `ItemStore`s.
 """
 
 import jax
@@ -74,6 +77,51 @@ class Checkpointer:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        self._mngr.close()
+
+
+class ItemStore:
+    """Versions of one pytree outside the rolling checkpoints (`<workdir>/<name>/<step>/`).
+
+    Each version is an Orbax checkpoint keyed by a step of the caller's choosing, written
+    synchronously (so it is on disk before the train-state checkpoint that refers to it) and
+    atomically; `keep` versions are kept (None: all), the oldest steps deleted first. Saving a
+    step already on disk does nothing: a resumed run that reaches the same step again writes the
+    same data. Every process calls every method (the arrays may span processes).
+    """
+
+    def __init__(self, directory: str, keep: int | None = None):
+        self._mngr = ocp.CheckpointManager(
+            epath.Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    def steps(self) -> tuple[int, ...]:
+        return tuple(self._mngr.all_steps())
+
+    def save(self, step: int, tree) -> None:
+        if step not in self._mngr.all_steps():
+            self._mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+
+    def restore(self, step: int, abstract_tree):
+        """The version at `step` with the shapes, dtypes and shardings of `abstract_tree`;
+        FileNotFoundError naming the directory if it is not on disk."""
+        if step not in self._mngr.all_steps():
+            raise FileNotFoundError(
+                f"{self._mngr.directory} has no version {step} (has {self.steps()}): the workdir "
+                "was damaged or partly copied"
+            )
+        return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract_tree))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self._mngr.close()
 
 

@@ -146,8 +146,7 @@ class Loop:
         """The latest checkpoint's state (and iterator position), or a fresh state."""
         state, resumed = init_state(self.exp), None
         if self.ckpt.latest_step() is not None:
-            shardings = jax.tree.map(lambda x: x.sharding, state)
-            state, data_state, _ = self.ckpt.restore(checkpointing.abstract_like(state, shardings))
+            state, data_state = restore(self.exp, self.workdir, self.ckpt, state)
             self.iterator.set_state(data_state)
             resumed = int(state.step)
             logging.info("Resumed from step %d in %s", resumed, self.workdir)
@@ -160,7 +159,10 @@ class Loop:
 
     def save(self, step: int, state: TrainState) -> None:
         self._check_finite(state, step)
-        self.ckpt.save(step, state, self.iterator.get_state(), force=True)
+        self.program.save_artifacts(self.workdir, state)  # on disk before the checkpoint
+        self.ckpt.save(
+            step, self.program.checkpointed(state), self.iterator.get_state(), force=True
+        )
 
     def _check_finite(self, state: TrainState, step: int) -> None:
         bad = int(state.bad_step)
@@ -223,6 +225,31 @@ class Loop:
         wall = time.perf_counter() - t0
         self.ckpt.wait()
         return state, TrainInfo(start=start, end=step, wall_time_s=wall)
+
+
+def restore(exp: Experiment, workdir: str, ckpt: checkpointing.Checkpointer, fresh: TrainState):
+    """(train state, iterator state) of the latest checkpoint in `ckpt`, with the program's
+    artifacts (`Program.restore_artifacts`); `fresh` gives the structure and shardings."""
+    view = exp.program.checkpointed(fresh)
+    shardings = jax.tree.map(lambda x: x.sharding, view)
+    restored, data_state, _ = ckpt.restore(checkpointing.abstract_like(view, shardings))
+    return exp.program.restore_artifacts(workdir, restored, fresh), data_state
+
+
+def restore_latest(exp: Experiment, workdir: str) -> tuple[TrainState, dict]:
+    """(train state, iterator state) of `workdir`'s latest checkpoint, shaped and sharded like
+    `init_state(exp)` (for tools and tests; the loop resumes with `Loop.restore_or_init`).
+    FileNotFoundError if the workdir has no checkpoint."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    ckpt = checkpointing.Checkpointer(directory, every=1, keep=None, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return restore(exp, workdir, ckpt, init_state(exp))
+    finally:
+        ckpt.close()
 
 
 def flat_metrics(split_metrics: dict) -> dict:

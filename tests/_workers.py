@@ -98,24 +98,12 @@ def load_npz(path) -> dict:
 
 def restore_latest(config, workdir):
     """The latest checkpointed train state of `workdir` (replicated over this job's devices)."""
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from hisd_jax import checkpointing, parallel  # pylint: disable=g-import-not-at-top
     from hisd_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+    from hisd_jax import loop  # pylint: disable=g-import-not-at-top
 
     exp = experiment_lib.build_experiment(config)
-    replicated = parallel.replicated(exp.mesh)
-    abstract = jax.eval_shape(lambda: experiment_lib.init_state(exp))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=1, keep=100, async_save=False
-    )
-    step = ckpt.latest_step()
-    state, data_state, _ = ckpt.restore(abstract)
-    ckpt.close()
-    return step, state, data_state
+    state, data_state = loop.restore_latest(exp, workdir)
+    return int(state.step), state, data_state
 
 
 def dump(config, workdir, out) -> None:

@@ -13,12 +13,15 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from _workers import cache_env, load_npz
 from conftest import tiny_config
 from test_resume import assert_states_equal, run, run_until_checkpoint
 
-from hisd_jax import checkpointing, steps, train
+from hisd_jax import checkpointing
+from hisd_jax import loop as loop_lib
+from hisd_jax import steps, train
 from hisd_jax import data as data_lib
 from hisd_jax import experiment as experiment_lib
 from hisd_jax import parallel
@@ -171,11 +174,7 @@ def joint_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("kd") / "joint")
     results = train.train_and_evaluate(config, workdir)
     exp = experiment_lib.build_experiment(config)
-    template = experiment_lib.init_state(exp)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
-    shardings = jax.tree.map(lambda x: x.sharding, template)
-    state, _, step = ckpt.restore(checkpointing.abstract_like(template, shardings))
-    ckpt.close()
+    state, _ = loop_lib.restore_latest(exp, workdir)
     return exp, results, jax.device_get(state), workdir
 
 
@@ -209,6 +208,60 @@ def test_soft_labels_equal_an_independent_forward_pass_of_the_best_parameters(jo
     # The best parameters are those of step 4, not the final ones (training went on to 8).
     best, final = state.program["best_params"]["left"]["params"], state.params
     assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, best, final)))
+
+
+def test_soft_labels_and_best_parameters_are_items_of_their_own(joint_run):
+    exp, _, state, workdir = joint_run
+    for task in TASKS:  # converged at step 8, best at step 4: one version each
+        for item, step in (("soft_labels", 8), ("best_params", 4)):
+            with checkpointing.ItemStore(os.path.join(workdir, "kd", item, task)) as store:
+                assert store.steps() == (step,)
+    # The rolling checkpoints hold neither.
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",)) as m:
+        raw = m.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    assert sorted(raw["program"]) == ["active", "soft_weight", "tracker"]
+
+
+def test_item_versions_outlive_the_rolling_retention_and_restore_exactly(tmp_path):
+    """keep_checkpoints=1: best-parameter versions keep 2 (every retained checkpoint's one),
+    soft labels are never deleted; a restore takes exactly the versions the tracker names."""
+    exp = experiment_lib.build_experiment(kd_config(train__keep_checkpoints=1))
+    program, fresh = exp.program, experiment_lib.init_state(exp)
+    workdir = str(tmp_path)
+
+    def with_tracker(best, converged, scale):
+        tracker = dict(fresh.program["tracker"])
+        tracker["best_step"] = jnp.array([best, -1, -1], jnp.int32)
+        tracker["converged_step"] = jnp.array([converged, -1, -1], jnp.int32)
+        prog = dict(fresh.program, tracker=tracker)
+        prog["best_params"] = dict(prog["best_params"])
+        prog["best_params"]["left"] = jax.tree.map(lambda x: x + scale, prog["best_params"]["left"])
+        prog["soft"] = dict(prog["soft"])
+        prog["soft"]["left"] = jax.tree.map(lambda x: x + scale, prog["soft"]["left"])
+        return fresh.replace(program=prog)
+
+    states = [
+        with_tracker(*args) for args in ((4, -1, 1.0), (8, -1, 2.0), (12, 16, 3.0), (12, 16, 4.0))
+    ]
+    for state in states:
+        program.save_artifacts(workdir, state)
+    kd_dir = os.path.join(workdir, "kd")
+    with checkpointing.ItemStore(os.path.join(kd_dir, "best_params", "left")) as store:
+        assert store.steps() == (8, 12)  # keep_checkpoints + 1
+    with checkpointing.ItemStore(os.path.join(kd_dir, "soft_labels", "left")) as store:
+        assert store.steps() == (16,)  # written once: the scale-4 state changed nothing
+    assert not os.path.exists(os.path.join(kd_dir, "best_params", "right"))
+
+    # The last state's versions were on disk already (the same steps): the scale-3 data stays.
+    restored = program.restore_artifacts(workdir, program.checkpointed(states[-1]), fresh)
+    got = jax.device_get(restored.program)
+    chex.assert_trees_all_equal(
+        got["best_params"], jax.device_get(states[2].program)["best_params"]
+    )
+    chex.assert_trees_all_equal(got["soft"], jax.device_get(states[2].program)["soft"])
+
+    with pytest.raises(FileNotFoundError, match="best_params/left has no version 4"):
+        program.restore_artifacts(workdir, program.checkpointed(states[0]), fresh)
 
 
 # --------------------------------------------------------------------------- the loss switch

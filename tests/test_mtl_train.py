@@ -22,7 +22,8 @@ import optax
 import pytest
 from conftest import REPO, tiny_config
 
-from hisd_jax import checkpointing, sweep, train
+from hisd_jax import loop as loop_lib
+from hisd_jax import sweep, train
 from hisd_jax import experiment as experiment_lib
 from hisd_jax import steps as steps_lib
 from hisd_jax import config as config_lib
@@ -326,12 +327,7 @@ def test_train_step_with_mean_method_is_sgd_on_mean_loss(setup):
 
 # ------------------------------------------------------------------- state in the trainer
 def _final_state(exp, workdir):
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
-    template = experiment_lib.init_state(exp)
-    shardings = jax.tree.map(lambda x: x.sharding, template)
-    state, _, _ = ckpt.restore(checkpointing.abstract_like(template, shardings))
-    ckpt.close()
-    return jax.device_get(state)
+    return jax.device_get(loop_lib.restore_latest(exp, str(workdir))[0])
 
 
 @pytest.mark.parametrize("method", ["dwa", "gradvac"])

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from hisd_jax import checkpointing, programs, steps, train
+from hisd_jax import loop as loop_lib
+from hisd_jax import programs, steps, train
 from hisd_jax import data as data_lib
 from hisd_jax import experiment as experiment_lib
 from hisd_jax import parallel
@@ -99,13 +100,7 @@ def alternating():
 
 
 def final_state(exp, workdir):
-    template = experiment_lib.init_state(exp)
-    shardings = jax.tree.map(lambda x: x.sharding, template)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
-    try:
-        state, data_state, _ = ckpt.restore(checkpointing.abstract_like(template, shardings))
-    finally:
-        ckpt.close()
+    state, data_state = loop_lib.restore_latest(exp, str(workdir))
     return jax.device_get(state), data_state
 
 

@@ -14,6 +14,19 @@ The loop (`loop.py`) calls, in this order:
   program.done(state)                      asked at evaluation steps: stop before the budget
   program.results(state)                   extra entries for results.json
 
+and, around checkpoints (every process):
+
+  program.save_artifacts(workdir, state)   before each checkpoint: write what the rolling
+                                           checkpoints leave out (`checkpointed`)
+  program.checkpointed(state)              the state the rolling checkpoints hold
+  program.restore_artifacts(workdir, restored, fresh)
+                                           after a restore: the full state from the restored
+                                           `checkpointed` state (`fresh`: a new initial state)
+
+The default checkpoints the whole state. A program with large data that is written once (KD's
+soft labels) or must outlive the retention of rolling checkpoints (each task's best parameters)
+keeps it in `checkpointing.ItemStore`s of its own under the workdir.
+
 A subclass usually only writes `make_unit_fn`, returning a pure function `(state, sums,
 *batches) -> (state, sums)` composed from `steps.py` (the base class jits it with donated state
 and sums); see `standard.py`.
@@ -73,6 +86,20 @@ class Program:
         """Whether training may stop before `train.steps` (asked at evaluation steps)."""
         del state
         return False
+
+    # ---------------------------------------------------------------- checkpointing
+    def checkpointed(self, state):
+        """The part of `state` the loop's rolling checkpoints hold (default: all of it)."""
+        return state
+
+    def save_artifacts(self, workdir: str, state) -> None:
+        """Writes, before each checkpoint, what `checkpointed` leaves out (default: nothing)."""
+        del workdir, state
+
+    def restore_artifacts(self, workdir: str, restored, fresh):
+        """The full train state from a restored `checkpointed(...)` state (default: itself)."""
+        del workdir, fresh
+        return restored
 
     def results(self, state) -> dict:
         """Extra entries for results.json (e.g. convergence steps)."""

@@ -23,21 +23,28 @@ Training stops when every task has converged (or at `train.steps`). The reported
 are the final ones; `results["kd"]` also gives, labelled as a selection on validation, each
 task's test metrics at its own best parameters (the "one early-stopped model per task" bound).
 
-State (`TrainState.program`, checkpointed with the train state, so a resume is exact): the
-tracker, the active mask, the per-task soft-label weight, the soft-label tables ([N_train, C]
-per task, all processes hold every row: N x C x bytes per task) and each task's best
-parameters and BatchNorm statistics (T copies of the model).
+State (`TrainState.program`): the tracker, the active mask and the per-task soft-label weight
+(in every rolling checkpoint), the soft-label tables ([N_train, C] per task, or top-k values and
+indices; every device of every process holds every row: N x bytes-per-example per task, see
+`results["kd"]["bytes_per_example"]`) and each task's best parameters and BatchNorm statistics
+(T copies of the model). The last two are Orbax items of their own, outside the rolling
+checkpoints (`checkpointing.ItemStore`, written before the checkpoint that refers to them):
+  <workdir>/kd/soft_labels/<task>/<converged step>/   written once, when the task converges
+  <workdir>/kd/best_params/<task>/<best step>/        the versions the retained checkpoints
+                                                      refer to (train.keep_checkpoints + 1)
+A resume restores the tracker from the checkpoint and then exactly the versions it names.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hisd_jax import parallel, steps
+from hisd_jax import checkpointing, parallel, steps
 from hisd_jax.errors import ConfigError
 from hisd_jax.mtl import converged_kd as kd
 from hisd_jax.programs.base import Program
@@ -57,6 +64,7 @@ class KDJointProgram(Program):
         self.rank = np.array([self.order.index(t) for t in names])  # entry rank per task
         self._predict = self._copy = self._eval_step = None
         self.label_seconds = {}  # wall time of each labelling pass in this process (host side)
+        self._on_disk = {}  # (item, task) -> the step of the version this run wrote or restored
 
     # ------------------------------------------------------------------ state
     def init_state(self):
@@ -159,6 +167,54 @@ class KDJointProgram(Program):
 
     def done(self, state) -> bool:
         return bool(np.all(jax.device_get(state.program["tracker"]["converged"]) == 1))
+
+    # ------------------------------------------------------------------ checkpointing
+    _KEYS = {"soft_labels": "soft", "best_params": "best_params"}  # item on disk -> state key
+
+    def checkpointed(self, state):
+        program = {k: v for k, v in state.program.items() if k not in self._KEYS.values()}
+        return state.replace(program=program)
+
+    def _versions(self, tracker) -> dict:
+        """{(item, task): step of the version the tracker refers to} (tasks with one)."""
+        out = {}
+        for i, task in enumerate(self.exp.task_names):
+            if tracker["converged_step"][i] >= 0:
+                out["soft_labels", task] = int(tracker["converged_step"][i])
+            if tracker["best_step"][i] >= 0:
+                out["best_params", task] = int(tracker["best_step"][i])
+        return out
+
+    def _store(self, workdir: str, item: str, task: str) -> checkpointing.ItemStore:
+        keep = self.exp.config.train.keep_checkpoints
+        # A retained checkpoint refers to a version written at or before its save, at most one
+        # new version per save: the newest keep + 1 cover every retained checkpoint.
+        keep = None if item == "soft_labels" or not keep else keep + 1
+        return checkpointing.ItemStore(os.path.join(workdir, "kd", item, task), keep=keep)
+
+    def save_artifacts(self, workdir, state):
+        tracker = jax.device_get(state.program["tracker"])
+        for (item, task), step in self._versions(tracker).items():
+            if self._on_disk.get((item, task)) != step:
+                with self._store(workdir, item, task) as store:
+                    store.save(step, state.program[self._KEYS[item]][task])
+                self._on_disk[item, task] = step
+
+    def restore_artifacts(self, workdir, restored, fresh):
+        tracker = jax.device_get(restored.program["tracker"])
+        program = dict(restored.program)
+        for key in self._KEYS.values():
+            program[key] = dict(fresh.program[key])
+        for (item, task), step in self._versions(tracker).items():
+            key = self._KEYS[item]
+            like = program[key][task]
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+            )
+            with self._store(workdir, item, task) as store:
+                program[key][task] = store.restore(step, abstract)
+            self._on_disk[item, task] = step
+        return restored.replace(program=program)
 
     # ------------------------------------------------------------------ pieces
     def _copy_variables(self, state) -> dict:
