@@ -107,6 +107,42 @@ def test_multidigits_labels(multidigits):
     assert np.corrcoef(raw["image"].mean(axis=(1, 2, 3)), raw["ink"])[0, 1] > 0.99999
 
 
+def test_multidigits_label_noise_corrupts_training_labels_only(multidigits):
+    noise = {"left": 0.5, "same_parity": 0.2, "ink": 0.3}
+    noisy = get_dataset("multidigits", seed=0, label_noise=noise, **SIZES)
+    for split in ("val", "test"):  # clean
+        for key in ("left", "same_parity", "ink", "right"):
+            np.testing.assert_array_equal(
+                everything(noisy.splits[split])[key], everything(multidigits.splits[split])[key]
+            )
+    got, clean = everything(noisy.splits["train"]), everything(multidigits.splits["train"])
+    np.testing.assert_array_equal(got["image"], clean["image"])
+    np.testing.assert_array_equal(got["right"], clean["right"])  # no noise asked
+    np.testing.assert_array_equal(got["sum"], clean["sum"])  # its own labels, not left + right
+    n = len(clean["left"])
+    for task, classes in (("left", 10), ("same_parity", 2)):
+        # A flipped label keeps its class with probability 1/C: P(change) = rate (1 - 1/C).
+        want = noise[task] * (1 - 1 / classes)
+        changed = np.mean(got[task] != clean[task])
+        assert abs(changed - want) < 4 * np.sqrt(want * (1 - want) / n), (task, changed, want)
+        assert got[task].dtype == np.int32 and got[task].max() < classes and got[task].min() >= 0
+    residual = got["ink"] - clean["ink"]
+    assert abs(residual.std() - 0.3) < 4 * 0.3 / np.sqrt(2 * n) and abs(residual.mean()) < 0.05
+    again = everything(
+        get_dataset("multidigits", seed=0, label_noise=noise, **SIZES).splits["train"]
+    )
+    np.testing.assert_array_equal(again["left"], got["left"])  # fixed by the seed
+
+
+@pytest.mark.parametrize(
+    "noise, message",
+    [({"up": 0.1}, "label_noise names task 'up'"), ({"left": 1.5}, r"must lie in \[0, 1.0\]")],
+)
+def test_multidigits_label_noise_rejects_bad_values(noise, message):
+    with pytest.raises(ValueError, match=message):
+        get_dataset("multidigits", seed=0, label_noise=noise, **SIZES)
+
+
 def test_multidigits_reconstructs_from_sklearn_images():
     """Every canvas is max(left at (dy, dx), right at (4 - dy', 4 - dx')) for shifts in [0, 2]."""
     data = get_dataset("multidigits", seed=3, normalize=False, num_train=20, num_val=2, num_test=2)

@@ -12,6 +12,13 @@ source image appears in two splits ('src_left', 'src_right' hold the sklearn row
 shifts are drawn from `np.random.default_rng([seed, split_number])`. 'index' is the row in the
 split. Tasks: left, right (10 classes), sum (19), same_parity, left_gt_right (2) and ink (the
 canvas's mean pixel intensity, standardised with the train split's mean and std).
+`label_noise={task: rate}` corrupts the *training* labels of those tasks only (validation and
+test stay clean), drawn from `np.random.default_rng([seed, 7, task number])`: a classification
+label is replaced, with probability `rate`, by a class drawn uniformly from all classes
+(symmetric noise); a regression target gets Gaussian noise of std `rate` (standardised units).
+Networks fit the clean signal first and the noise later (Arpit et al., 2017, "A Closer Look at
+Memorization in Deep Networks"), so validation metrics peak and then decline: the setting
+where early stopping per task matters.
 
 Both standardise images with the scalar pixel mean/std of their own train split.
 """
@@ -142,6 +149,7 @@ def multidigits(
     num_test: int = 2000,
     fractions=(0.6, 0.2, 0.2),
     normalize: bool = True,
+    label_noise: dict | None = None,
 ) -> Dataset:
     if max_shift < 0 or canvas < DIGIT + max_shift:
         raise ValueError(
@@ -168,5 +176,27 @@ def multidigits(
         "left_gt_right": TaskInfo("left_gt_right", "classification", 2, "left_gt_right"),
         "ink": TaskInfo("ink", "regression", 0, "ink"),
     }
+    _corrupt_labels(raw["train"], tasks, dict(label_noise or {}), seed)
     splits = {split: ArraySource(arrays) for split, arrays in raw.items()}
     return Dataset("multidigits", splits, (canvas, canvas, 1), tasks)
+
+
+def _corrupt_labels(arrays: dict, tasks: dict, label_noise: dict, seed: int) -> None:
+    """Symmetric label noise / Gaussian target noise on `arrays` in place (module docstring)."""
+    for name, rate in label_noise.items():
+        if name not in tasks:
+            raise ValueError(f"label_noise names task {name!r}; tasks are {', '.join(tasks)}")
+        info = tasks[name]
+        limit = 1.0 if info.kind == "classification" else np.inf
+        if not 0.0 <= float(rate) <= limit:
+            raise ValueError(f"label_noise[{name!r}]={rate!r} must lie in [0, {limit}]")
+        rng = np.random.default_rng([seed, 7, list(tasks).index(name)])
+        labels = arrays[info.label_key]
+        n = len(labels)
+        if info.kind == "classification":
+            flip = rng.random(n) < rate
+            drawn = rng.integers(info.num_classes, size=n).astype(labels.dtype)
+            arrays[info.label_key] = np.where(flip, drawn, labels)
+        else:
+            noise = rng.standard_normal(n).astype(labels.dtype)
+            arrays[info.label_key] = labels + np.float32(rate) * noise
