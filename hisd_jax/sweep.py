@@ -18,6 +18,9 @@ in their own sub-workdirs:
   <workdir>/single/<task>/seed<s>/    single-task baseline of <task>, seed s
   <workdir>/<method>[_<space>]/seed<s>/
 
+`--shard i/n` trains only every n-th run from the i-th (0 <= i < n) and stops without a summary:
+start n processes (on one machine or several sharing the workdir) with i = 0..n-1, then once
+more without --shard (with --notrain) to summarise. Each run is trained by one shard only.
 A run whose sub-workdir has results.json is not repeated (its stored config must match);
 an interrupted one resumes from its last checkpoint. Then the sweep writes
 
@@ -72,6 +75,9 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) for every method and baseline.")
     flags.DEFINE_string("space", None, "Default space of gradient methods (default: the config's).")
     flags.DEFINE_bool("train", True, "Train missing runs; --notrain only summarises finished ones.")
+    flags.DEFINE_string(
+        "shard", None, "i/n: train only runs i, i+n, i+2n, ... of the plan, no summary."
+    )
     flags.DEFINE_string(
         "compilation_cache",
         "<workdir>/.jax_cache",
@@ -340,8 +346,25 @@ def document(summary: dict, table: str) -> str:
     return "\n".join(text) + "\n"
 
 
-def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True) -> dict:
-    """Trains (if `train`) and summarises the sweep; writes sweep.md and sweep.json."""
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """ "i/n" -> (i, n) with 0 <= i < n; None -> None; SweepError otherwise."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise SweepError(f"--shard={text!r} must be i/n with 0 <= i < n, e.g. 0/2")
+    return i, n
+
+
+def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True, shard=None) -> dict:
+    """Trains (if `train`) and summarises the sweep; writes sweep.md and sweep.json.
+
+    With `shard=(i, n)` it trains only runs i, i + n, ... of the plan and returns
+    {"table": None, "trained": [subdir, ...]} without summarising.
+    """
     from hisd_jax import experiment  # noqa: PLC0415
 
     seeds = [int(s) for s in seeds]
@@ -350,6 +373,13 @@ def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True) 
     runs = plan(config, methods, seeds, space)
     specs = experiment.build_experiment(config).tasks
     os.makedirs(workdir, exist_ok=True)
+    if shard is not None:
+        mine = runs[shard[0] :: shard[1]]
+        outcomes = execute(mine, workdir, train)
+        return {
+            "table": None,
+            "trained": [r.subdir for r in mine if "results" in outcomes[r.subdir]],
+        }
     outcomes = execute(runs, workdir, train)
     summary = summarise(config, runs, outcomes, specs, workdir)
     table = markdown(summary)
@@ -372,11 +402,23 @@ def main(argv):
     t0 = time.perf_counter()
     try:
         out = sweep(
-            FLAGS.config, FLAGS.workdir, FLAGS.methods, FLAGS.seeds, FLAGS.space, FLAGS.train
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.methods,
+            FLAGS.seeds,
+            FLAGS.space,
+            FLAGS.train,
+            parse_shard(FLAGS.shard),
         )
     except (config_lib.ConfigError, SweepError) as e:
         print(f"sweep error: {e}", file=sys.stderr)
         sys.exit(2)
+    if out["table"] is None:
+        print(
+            f"shard {FLAGS.shard}: {len(out['trained'])} runs finished; summarise with the same "
+            "command without --shard (add --notrain)"
+        )
+        return
     print(out["table"])
     print(f"\nwall time {time.perf_counter() - t0:.0f}s; written to {FLAGS.workdir}/sweep.md")
 
