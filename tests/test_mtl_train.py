@@ -504,6 +504,29 @@ def test_sweep_errors(tiny_sweep, tmp_path):
         sweep.sweep(other, clone, ["uw"], [0], train=False)
 
 
+def test_sweep_shards_train_disjoint_runs(tiny_sweep, tmp_path, capsys):
+    config, workdir, out = tiny_sweep
+    clone = str(tmp_path / "clone")
+    shutil.copytree(workdir, clone)
+    runs = sweep.plan(config, SWEEP_METHODS, [0, 1])
+    for run in (runs[1], runs[4]):  # one run of each shard is missing
+        shutil.rmtree(os.path.join(clone, run.subdir))
+    for i, missing in ((0, runs[4]), (1, runs[1])):
+        capsys.readouterr()
+        got = sweep.sweep(config, clone, SWEEP_METHODS, [0, 1], shard=(i, 2))
+        assert got["table"] is None
+        assert got["trained"] == [r.subdir for r in runs[i::2]]
+        trained = [line for line in capsys.readouterr().err.splitlines() if "training" in line]
+        assert len(trained) == 1 and missing.subdir in trained[0]
+    again = sweep.sweep(config, clone, SWEEP_METHODS, [0, 1], train=False)
+    for row, stats in out["summary"]["rows"].items():  # retrained runs are the same runs
+        assert again["summary"]["rows"][row]["delta_m"] == stats["delta_m"]
+    for text in ("2/2", "0/0", "-1/2", "a/b", "1"):
+        with pytest.raises(sweep.SweepError, match="must be i/n"):
+            sweep.parse_shard(text)
+    assert sweep.parse_shard("1/3") == (1, 3) and sweep.parse_shard(None) is None
+
+
 def test_uw_log_variances_are_trained(tiny_sweep):
     """(4) UW's log-variances get gradients through the optimizer and move (sweep's uw runs)."""
     config, workdir, _ = tiny_sweep
