@@ -57,24 +57,14 @@ def get_config(arg=None):
     return tiny_config(**parse_arg(arg))
 
 
-def cache_env(pytestconfig, tmp_path_factory) -> dict:
-    """Environment for a persistent XLA compilation cache shared by every test process.
+def cache_env(pytestconfig=None, tmp_path_factory=None) -> dict:
+    """The environment of the session's persistent XLA compilation cache (set by
+    conftest.pytest_configure), for the processes a test starts with an environment of its
+    own."""
+    del pytestconfig, tmp_path_factory
+    from conftest import CACHE_ENV  # pylint: disable=g-import-not-at-top
 
-    It lives in pytest's cache directory (.pytest_cache/d/jax_compilation_cache) so that
-    later sessions skip most compilation too; entries are keyed by the program, JAX
-    version and flags, so a stale entry is never used. Without pytest's cache provider
-    (-p no:cacheprovider) the cache lasts one session.
-    """
-    cache = getattr(pytestconfig, "cache", None)
-    if cache is not None:
-        path = cache.mkdir("jax_compilation_cache")
-    else:
-        path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(path),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    return {k: os.environ[k] for k in CACHE_ENV}
 
 
 def flat_state(state) -> dict:

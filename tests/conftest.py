@@ -7,6 +7,34 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_ENV = (
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+)
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole test session: this process, the
+    pytest-xdist workers and every process a test starts (they inherit the environment), so
+    a program compiled once (the tiny config's train step, say) is read from disk elsewhere.
+
+    It lives in pytest's cache directory (.pytest_cache/d/jax_compilation_cache), so later
+    sessions skip most compilation too; entries are keyed by the program, the JAX version and
+    the flags, so a stale entry is never used. Without pytest's cache provider
+    (-p no:cacheprovider) it lasts one session. Set before any test module imports JAX; a
+    JAX_COMPILATION_CACHE_DIR set by the user wins.
+    """
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        path = str(cache.mkdir("jax_compilation_cache"))
+    else:
+        import tempfile  # noqa: PLC0415
+
+        path = tempfile.mkdtemp(prefix="jax_compilation_cache_")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def tiny_config(**overrides):

@@ -71,32 +71,9 @@ def load_config_file(name, arg=None):
     return module.get_config(arg)
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's identical train steps."""
-    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
-
-    old = {
-        k: getattr(jax.config, k)
-        for k in (
-            "jax_compilation_cache_dir",
-            "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes",
-        )
-    }
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
 # --------------------------------------------------------------------- gradient plumbing
 @pytest.fixture(scope="module")
-def setup(compile_cache):
+def setup():
     exp = experiment_lib.build_experiment(mtl_config())
     state = experiment_lib.init_state(exp)
     it = data_lib.BatchIterator(exp.dataset.splits["train"], 32, seed=0)
@@ -331,7 +308,7 @@ def _final_state(exp, workdir):
 
 
 @pytest.mark.parametrize("method", ["dwa", "gradvac"])
-def test_strategy_state_resumes_exactly(method, tmp_path, monkeypatch, compile_cache):
+def test_strategy_state_resumes_exactly(method, tmp_path, monkeypatch):
     """(4) N steps in one go == N/2 steps, preemption (SIGTERM), resume: same state, bitwise."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("the trainer handles SIGTERM only in the main thread")
@@ -431,7 +408,7 @@ SWEEP_METHODS = ["uw", "pcgrad@rep"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory, compile_cache):
+def tiny_sweep(tmp_path_factory):
     """(5) 2 methods x 2 seeds (and 2 tasks x 2 seeds of baselines) on a one-stage CNN."""
     config = small_config()
     config.data.tasks = ("left", "ink")
@@ -543,7 +520,7 @@ def test_uw_log_variances_are_trained(tiny_sweep):
         assert int(state.step) == config.train.steps
 
 
-def test_strategy_benchmark_times_each_variant(compile_cache):
+def test_strategy_benchmark_times_each_variant():
     """The step benchmark times EW (the reference) and each name@space:backward it is given."""
     from hisd_jax import bench  # noqa: PLC0415
 
