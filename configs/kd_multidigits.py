@@ -2,9 +2,9 @@
 
 The setting of Lu et al. (NAACL 2022): tasks converge at different times, and a task that has
 peaked declines while the others still learn. Here that happens because part of the training
-labels are wrong (`data.kwargs.label_noise`: symmetric noise on 20 % of `left` and
-`same_parity` labels, 30 % of `right` and `sum` labels; `ink` and the validation and test
-splits are clean): the network fits the clean signal first and memorises the noise later, so
+labels are wrong (`data.kwargs.label_noise`: 20 % of the `left` and `same_parity` labels and
+30 % of the `right` and `sum` labels are redrawn uniformly over the classes, so ~18 / 10 / 27 /
+28 % are wrong; `ink` and the validation and test splits are clean): the network fits the clean signal first and memorises the noise later, so
 each task's validation accuracy peaks (left/right at ~1100 steps, sum/same_parity at ~1300,
 ink's MAE at ~1600, seed 0) and then declines (left 87.5 -> 78.1 %, right 86.4 -> 73.9 %,
 sum 71.3 -> 56.1 %, same_parity 88.2 -> 80.8 % at step 3000 under EW). The 5-task benchmark
@@ -29,7 +29,7 @@ when every task has converged. Test-split numbers for every method, 3 seeds: REA
 
 import os
 
-from hisd_jax.config import config_from_file, parse_arg
+from hisd_jax.config import ConfigError, config_from_file, parse_arg
 from hisd_jax.mtl.tasks import method_config, single_task_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +54,11 @@ def get_config(arg=None):
     )
     c.unlock()
     c.name = "kd_multidigits"
+    top = 1.0 / max(LABEL_NOISE.values())
+    if not 0.0 <= arg.noise <= top:  # every rate must stay a probability
+        raise ConfigError(
+            f"configs/kd_multidigits.py: noise={arg.noise} must lie in [0, {top:.3g}]"
+        )
     noise = {t: arg.noise * r for t, r in LABEL_NOISE.items()}
     c.data.kwargs = {"num_train": arg.num_train, "label_noise": noise}
     c.optimizer.schedule = "constant"  # no decay that would hide overfitting

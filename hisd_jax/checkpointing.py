@@ -36,6 +36,27 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the finished checkpoints, oldest first."""
+        return sorted(self._mngr.all_steps())
+
+    def set_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to `unrestorable_<step>` (kept for inspection, ignored by
+        Orbax, so a rerun can save that step again); returns the new path. Process 0 renames,
+        every process waits for it."""
+        old = self._mngr.directory / str(step)
+        new = self._mngr.directory / f"unrestorable_{step}"
+        if jax.process_index() == 0 and old.exists():
+            if new.exists():
+                new.rmtree()
+            old.rename(new)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self._mngr.reload()
+        return str(new)
+
     def should_save(self, step: int) -> bool:
         return step % self.every == 0 or self.reached_preemption(step)
 

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """An invalid config or command line; the message is one line naming the field."""
+
+
+class WorkdirError(RuntimeError):
+    """A workdir none of whose checkpoints can be restored; the message is one line."""

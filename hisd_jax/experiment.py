@@ -74,7 +74,12 @@ def build_experiment(config) -> Experiment:
       ConfigError: the first invalid field (one line naming it and the allowed values).
     """
     config_lib.validate(config)
-    dataset = data_lib.get_dataset(config.data.name, seed=config.data.seed, **config.data.kwargs)
+    try:
+        dataset = data_lib.get_dataset(
+            config.data.name, seed=config.data.seed, **config.data.kwargs
+        )
+    except (TypeError, ValueError) as e:  # a bad or unknown data.kwargs entry
+        raise ConfigError(f"data.kwargs of data.name={config.data.name!r}: {e}") from e
     tasks = task_specs(config, dataset.tasks)
     model_cfg = model_section(config)
     model = build_model(model_cfg, tasks)

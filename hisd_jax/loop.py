@@ -27,7 +27,7 @@ from hisd_jax import checkpointing, jsonio, parallel, steps
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax import metrics as metrics_lib
-from hisd_jax.errors import ConfigError
+from hisd_jax.errors import ConfigError, WorkdirError
 from hisd_jax.experiment import Experiment, TrainState, init_state
 
 
@@ -205,7 +205,7 @@ class Loop:
                     progress.update(step, mean["loss"])
                     sums, n_sums = None, 0
                 stop = False
-                if crossed(before, step, cfg.eval_every) and not last:
+                if crossed(before, step, cfg.eval_every):  # the last step too (the program sees it)
                     val = self.evaluate(state, "val")
                     self.writer.write(step, "val", flat_metrics(val))
                     state = self.program.after_eval(state, step, val)
@@ -227,13 +227,39 @@ class Loop:
         return state, TrainInfo(start=start, end=step, wall_time_s=wall)
 
 
-def restore(exp: Experiment, workdir: str, ckpt: checkpointing.Checkpointer, fresh: TrainState):
-    """(train state, iterator state) of the latest checkpoint in `ckpt`, with the program's
-    artifacts (`Program.restore_artifacts`); `fresh` gives the structure and shardings."""
+def restore(
+    exp: Experiment,
+    workdir: str,
+    ckpt: checkpointing.Checkpointer,
+    fresh: TrainState,
+    set_aside: bool = True,
+):
+    """(train state, iterator state) of the newest restorable checkpoint in `ckpt`, with the
+    program's artifacts (`Program.restore_artifacts`); `fresh` gives the structure and
+    shardings. A checkpoint that cannot be read (a damaged or missing file, an artifact it names
+    gone) is skipped with a warning for the one before it and, with `set_aside`, renamed out of
+    the way of new saves (`Checkpointer.set_aside`); WorkdirError (one line) if none can be.
+    """
     view = exp.program.checkpointed(fresh)
-    shardings = jax.tree.map(lambda x: x.sharding, view)
-    restored, data_state, _ = ckpt.restore(checkpointing.abstract_like(view, shardings))
-    return exp.program.restore_artifacts(workdir, restored, fresh), data_state
+    abstract = checkpointing.abstract_like(view, jax.tree.map(lambda x: x.sharding, view))
+    problems = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            restored, data_state, _ = ckpt.restore(abstract, step)
+            restored = exp.program.restore_artifacts(workdir, restored, fresh)
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"step {step}: {' '.join(str(e).split())[:300]}")
+            logging.warning("Checkpoint %d in %s cannot be restored (%s)", step, workdir, e)
+            continue
+        for bad in ckpt.all_steps():  # the newer ones are unreadable
+            if set_aside and bad > step:
+                path = ckpt.set_aside(bad)
+                logging.warning("Resuming from step %d; set aside %s", step, path)
+        return restored, data_state
+    raise WorkdirError(
+        f"no checkpoint in {workdir}/checkpoints can be restored ({'; '.join(problems)}); "
+        "use a new --workdir"
+    )
 
 
 def restore_latest(exp: Experiment, workdir: str) -> tuple[TrainState, dict]:
@@ -247,7 +273,7 @@ def restore_latest(exp: Experiment, workdir: str) -> tuple[TrainState, dict]:
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        return restore(exp, workdir, ckpt, init_state(exp))
+        return restore(exp, workdir, ckpt, init_state(exp), set_aside=False)
     finally:
         ckpt.close()
 

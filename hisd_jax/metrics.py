@@ -26,11 +26,13 @@ class MetricWriter:
     `resume_step`: the step a resumed run continues from. Events logged after it by the
     interrupted run (it died between a log step and its next checkpoint) are dropped from
     metrics.jsonl (rewritten atomically) and purged from TensorBoard, so every step is logged
-    once.
+    once. `write(..., once=True)` skips an event whose (step, split) is already in the file
+    (the final evaluation of a rerun of a finished run, or of a run whose last step validated).
     """
 
     def __init__(self, workdir: str, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
+        self._logged = set()  # (step, split) of every event in metrics.jsonl
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -39,16 +41,19 @@ class MetricWriter:
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 lines = [ln for ln in f if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
+            events = [json.loads(ln) for ln in lines]
+            kept = [ln for ln, e in zip(lines, events) if e["step"] <= resume_step]
             if len(kept) != len(lines):
                 jsonio.write_text(path, "".join(kept))
+            self._logged = {(e["step"], e["split"]) for e in events if e["step"] <= resume_step}
         self._jsonl = open(path, "a")
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), **purge)
 
-    def write(self, step: int, split: str, scalars: dict) -> None:
-        if not self.enabled:
+    def write(self, step: int, split: str, scalars: dict, once: bool = False) -> None:
+        if not self.enabled or (once and (int(step), split) in self._logged):
             return
+        self._logged.add((int(step), split))
         scalars = {k: float(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
         self._jsonl.flush()

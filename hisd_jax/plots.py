@@ -49,6 +49,14 @@ def validation_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _label(workdir: str) -> str:
+    """A workdir's legend entry: its name, or method/seedN for a sweep's run directory."""
+    parent, name = os.path.split(os.path.normpath(workdir))
+    if name.startswith("seed") and name[4:].isdigit():
+        return f"{os.path.basename(parent)}/{name}"
+    return name
+
+
 def kd_curves(workdirs: list[str], out: str) -> None:
     """The figure of the module docstring, written to `out` (PNG)."""
     import matplotlib  # noqa: PLC0415
@@ -60,7 +68,7 @@ def kd_curves(workdirs: list[str], out: str) -> None:
     tasks = list(next(iter(curves.values())))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
     for w in workdirs:
-        label = os.path.basename(os.path.normpath(w))
+        label = _label(w)
         results_path = os.path.join(w, "results.json")
         converged = {}
         if os.path.exists(results_path):
@@ -95,7 +103,10 @@ def main(argv):
     missing = [w for w in workdirs if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
     if not workdirs or missing:
         cli.fail(PROG, f"--workdirs: no metrics.jsonl in {', '.join(missing) or '(none given)'}")
-    kd_curves(workdirs, flags.FLAGS.out)
+    try:
+        kd_curves(workdirs, flags.FLAGS.out)
+    except OSError as e:
+        cli.fail(PROG, f"--out={flags.FLAGS.out}: {e.strerror or e}")
     print(f"wrote {flags.FLAGS.out}")
 
 

@@ -54,7 +54,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hisd_jax import config as config_lib
-from hisd_jax import jsonio, parallel
+from hisd_jax import cli, jsonio, parallel
 from hisd_jax.mtl import delta_m as delta_m_lib
 from hisd_jax.mtl import tasks as tasks_lib
 
@@ -425,4 +425,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_config_flags)

@@ -67,7 +67,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             },
             **exp.program.results(state),
         }
-        loop.writer.write(info.end, "val", loop_lib.flat_metrics(results["val"]))
-        loop.writer.write(info.end, "test", loop_lib.flat_metrics(results["test"]))
+        for split in ("val", "test"):  # once: the last step may have validated already
+            loop.writer.write(info.end, split, loop_lib.flat_metrics(results[split]), once=True)
     jsonio.write_json(os.path.join(workdir, "results.json"), results)
     return results

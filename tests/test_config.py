@@ -226,7 +226,26 @@ CLI_CASES = {
     "bad-variant": ([f"--config={CONFIG}:bogus=1"], ("'bogus=1'", "preset, seed, steps")),
     # a config file that does not exist (ml_collections defers this error to first use)
     "missing-file": (["--config=configs/does_not_exist.py"], ("--config", "does_not_exist.py")),
+    # a variant value a config file checks itself
+    "bad-variant-value": (
+        ["--config=configs/kd_multidigits.py:noise=-1"],
+        ("noise=-1", "[0, 3.33]"),
+    ),
 }
+
+
+def test_bad_data_kwargs_are_config_errors():
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+
+    config = tiny_config(data__name="multidigits", data__tasks=("left",))
+    config.data.kwargs = {"label_noise": {"up": 0.1}}
+    with pytest.raises(
+        ConfigError, match=r"^data.kwargs of data.name='multidigits': label_noise names task 'up'"
+    ):
+        experiment_lib.build_experiment(config)
+    config.data.kwargs = {"num_tain": 10}
+    with pytest.raises(ConfigError, match="num_tain"):
+        experiment_lib.build_experiment(config)
 
 
 @pytest.fixture(scope="module")

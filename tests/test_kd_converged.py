@@ -189,6 +189,19 @@ def test_training_stops_when_every_task_has_converged(joint_run):
     assert np.asarray(state.program["soft_weight"]).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_the_last_steps_validation_reaches_the_tracker(tmp_path):
+    """Validations at 4 and 8 = train.steps: the one at the last step converges every task."""
+    config = kd_config(
+        program__patience=1, program__min_delta=1.0, train__steps=8, train__checkpoint_every=8
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["kd"]["converged_step"] == {t: 8 for t in TASKS}
+    with open(tmp_path / "metrics.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    assert [e["step"] for e in events if e["split"] == "val"] == [4, 8]  # logged once
+    assert [e["step"] for e in events if e["split"] == "test"] == [8]
+
+
 def test_soft_labels_equal_an_independent_forward_pass_of_the_best_parameters(joint_run):
     exp, _, state, _ = joint_run
     train_split = exp.dataset.splits["train"]

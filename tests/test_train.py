@@ -25,6 +25,7 @@ from hisd_jax import experiment as experiment_lib
 from hisd_jax import steps as steps_lib
 from hisd_jax import data as data_lib
 from hisd_jax.config import ConfigError
+from hisd_jax.errors import WorkdirError
 
 TASK = "label"
 EXITS = ("exit0", "exit1", "exit2")
@@ -281,6 +282,32 @@ def test_resume_of_a_finished_run_trains_nothing(run, tmp_path):
                 assert again[split][TASK][name][k] == pytest.approx(v, rel=1e-9, abs=1e-12)
     assert again["exits"] == results["exits"]
     assert sum(e["split"] == "train" for e in read_jsonl(copy)) == train_lines
+
+
+def test_a_damaged_checkpoint_resumes_from_the_one_before(run, tmp_path):
+    config, workdir, results, _ = run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "checkpoints", "40", "state"))  # the newest, damaged
+    again = train.train_and_evaluate(config, copy)
+    assert again["train"]["resumed_from"] == 20
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["20", "40", "unrestorable_40"]
+    for split in ("val", "test"):  # steps 21-40 again: the same run
+        for name in EXITS:
+            for k, v in results[split][TASK][name].items():
+                assert again[split][TASK][name][k] == pytest.approx(v, rel=1e-6, abs=1e-9)
+    events = read_jsonl(copy)
+    for split, logged in (("train", [10, 20, 30, 40]), ("val", [20, 40]), ("test", [40])):
+        assert [e["step"] for e in events if e["split"] == split] == logged
+
+    # Nothing restorable: one line naming every checkpoint's problem, nothing trained.
+    for step in ("20", "40"):
+        shutil.rmtree(os.path.join(copy, "checkpoints", step, "state"))
+    with pytest.raises(
+        WorkdirError,
+        match=r"^no checkpoint in .* can be restored \(step 40: .*step 20: .*use a new --workdir$",
+    ):
+        train.train_and_evaluate(config, copy)
 
 
 def test_different_config_on_existing_workdir_is_refused(run):

@@ -267,7 +267,9 @@ class KDJointProgram(Program):
                     t: (int(s) if s >= 0 else None)
                     for t, s in zip(names, tracker["converged_step"])
                 },
-                "best_step": {t: int(s) for t, s in zip(names, tracker["best_step"])},
+                "best_step": {
+                    t: (int(s) if s >= 0 else None) for t, s in zip(names, tracker["best_step"])
+                },
                 "bytes_per_example": {
                     t: kd.table_bytes_per_example(state.program["soft"][t]) for t in names
                 },
