@@ -273,7 +273,16 @@ def summarise(config, runs, outcomes, specs, workdir: str) -> dict:
         }
         row["delta_m"] = _stats([e["delta_m"] for e in done])
         row["wall_time_s"] = _stats([t for e in done for t in e["wall_time_s"]])
+    best = best_standard_row(rows)
+    for row in rows.values():
+        if best is not None and "metrics" in row:
+            means = {t: {m: v["mean"] for m, v in ms.items()} for t, ms in row["metrics"].items()}
+            ref = {
+                t: {m: v["mean"] for m, v in ms.items()} for t, ms in rows[best]["metrics"].items()
+            }
+            row["vs_best"] = delta_m_lib.delta_m(means, ref, directions)
     return {
+        "best_standard": best,
         "config": config.name,
         "data": config.data.name,
         "tasks": [dataclasses.asdict(s) for s in specs],
@@ -283,6 +292,17 @@ def summarise(config, runs, outcomes, specs, workdir: str) -> dict:
         "baseline": baseline,
         "rows": rows,
     }
+
+
+def best_standard_row(rows: dict) -> str | None:
+    """The label of the best method trained by the standard program (highest mean Δm): the
+    baseline a training program (KD from converged tasks) is measured against."""
+    standard = [
+        label
+        for label, row in rows.items()
+        if label != SINGLE and "delta_m" in row and tasks_lib.parse_run(label)[0] == "standard"
+    ]
+    return max(standard, key=lambda label: rows[label]["delta_m"]["mean"], default=None)
 
 
 def _cell(stats, scale=1.0, digits=2) -> str:
@@ -297,7 +317,8 @@ def markdown(summary: dict) -> str:
         for m, higher in s["metrics"].items():
             unit = " (%)" if m == "accuracy" else ""
             header.append(f"{s['name']} {m}{unit} {'↑' if higher else '↓'}")
-    header += ["Δm% ↑", "wall s/run", "seeds"]
+    best = summary.get("best_standard")
+    header += ["Δm% ↑"] + ([f"vs {best} % ↑"] if best else []) + ["wall s/run", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label, row in summary["rows"].items():
         if "metrics" not in row:
@@ -310,8 +331,8 @@ def markdown(summary: dict) -> str:
                     cells.append(
                         _cell(row["metrics"][s["name"]][m], 100 if pct else 1, 2 if pct else 4)
                     )
+            cells += [_cell(row["delta_m"])] + ([f"{row['vs_best']:.2f}"] if best else [])
             cells += [
-                _cell(row["delta_m"]),
                 f"{row['wall_time_s']['mean']:.0f}",
                 f"{len(row['seeds'])}/{len(summary['seeds'])}",
             ]
@@ -337,6 +358,9 @@ def document(summary: dict, table: str) -> str:
         "Δm% = 100/N Σ_t Σ_{m∈M_t} (−1)^{l_m} (M_{t,m} − B_{t,m}) / B_{t,m}, per seed, with "
         "l_m = 1 if lower is better, N the number of (task, metric) pairs and B_{t,m} the "
         "single-task baselines' mean over the seeds above; then mean ± std over seeds. "
+        "'vs <method> %': the same average relative change, of the row's mean metrics over "
+        "those of the best method of the standard program (by Δm), the measure Lu et al. (NAACL "
+        "2022) report for KD from converged tasks. "
         "Wall time: one run's train_and_evaluate (compile, train, evaluate), mean over runs.",
         "",
         table,

@@ -444,6 +444,21 @@ def test_sweep_writes_table_and_delta_m(tiny_sweep):
     acc, mae = run["test"]["left"]["exit0"]["accuracy"], run["test"]["ink"]["exit0"]["mae"]
     by_hand = 50 * ((acc - base_acc) / base_acc - (mae - base_mae) / base_mae)
     assert rows["pcgrad@rep"]["seeds"]["1"]["delta_m"] == pytest.approx(by_hand, rel=1e-9)
+    # 'vs best': the other row's mean metrics relative to the best standard row's (by Delta_m).
+    best = max(("uw", "pcgrad@rep"), key=lambda r: rows[r]["delta_m"]["mean"])
+    other = "uw" if best == "pcgrad@rep" else "pcgrad@rep"
+    assert summary["best_standard"] == best and rows[best]["vs_best"] == 0.0
+    mean = {
+        r: {t: {m: v["mean"] for m, v in rows[r]["metrics"][t].items()} for t in ("left", "ink")}
+        for r in (best, other)
+    }
+    want = 50 * (
+        (mean[other]["left"]["accuracy"] - mean[best]["left"]["accuracy"])
+        / mean[best]["left"]["accuracy"]
+        - (mean[other]["ink"]["mae"] - mean[best]["ink"]["mae"]) / mean[best]["ink"]["mae"]
+    )
+    assert rows[other]["vs_best"] == pytest.approx(want, rel=1e-9)
+    assert f"vs {best} % ↑" in out["table"]
 
 
 def test_sweep_does_not_retrain_finished_runs(tiny_sweep, capsys):

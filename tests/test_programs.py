@@ -134,8 +134,8 @@ def test_a_program_defined_here_runs_and_resumes_bitwise(alternating, tmp_path, 
     b, data_b = final_state(exp, tmp_path / "resumed")
     chex.assert_trees_all_equal(a, b)
     assert int(a.step) == 12 and data_a["step"] == data_b["step"] == 12  # 2 batches per unit
-    # Validation at steps 4 and 8 (not at the end): after_eval ran twice in either run.
-    assert int(a.program["evals"]) == int(b.program["evals"]) == 2
+    # Validations at steps 4, 8 and 12 (the last step included), each seen by the program once.
+    assert int(a.program["evals"]) == int(b.program["evals"]) == 3
     # The task that never trained keeps its initial head parameters exactly (zero gradient).
     init = jax.device_get(experiment_lib.init_state(exp))
     for got, want, label in zip(

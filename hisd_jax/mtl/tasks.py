@@ -257,7 +257,13 @@ def parse_run(token: str, default_space: str = "param") -> tuple[str, str, str]:
         raise ConfigError(
             f"method {token!r}: {program!r} is not one of {', '.join(programs.PROGRAMS)}"
         )
-    return ("standard", *parse_method(token, default_space))
+    try:
+        return ("standard", *parse_method(token, default_space))
+    except ConfigError as e:
+        others = [p for p in programs.PROGRAMS if p != "standard"]
+        raise ConfigError(
+            f"{e}; or a training program: {', '.join(others)} (optionally +method)"
+        ) from e
 
 
 def method_label(name: str, space: str, program: str = "standard") -> str:
