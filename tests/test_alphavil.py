@@ -1,0 +1,164 @@
+"""αVIL's pure pieces (mtl/alphavil.py) on a small model with BatchNorm-like running statistics:
+the α gradient against central finite differences in float64, one task with α = 1 against
+plain training written out step by step, vmapped against scanned task phases, the merge of
+parameters and statistics by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hisd_jax.mtl import alphavil
+
+T, D, H, B, K = 3, 5, 4, 16, 4  # tasks, inputs, hidden units, batch, inner steps
+
+
+def make_problem(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    variables = {
+        "params": {
+            "w": jnp.asarray(rng.normal(size=(D, H)) / np.sqrt(D), dtype),
+            "v": jnp.asarray(rng.normal(size=(T, H)), dtype),
+        },
+        "batch_stats": {"mean": jnp.zeros(H, dtype)},
+    }
+    x = rng.normal(size=(K, B, D))
+    y = np.tanh(x @ rng.normal(size=(D, T)))
+    y[..., 2] = rng.permutation(y[..., 2].ravel()).reshape(K, B)  # task 2: shuffled targets
+    batches = {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y, dtype)}
+    return variables, batches
+
+
+def task_loss(params, batch_stats, batch, t):
+    """Task t's squared error; the running mean of the hidden units is the 'BatchNorm'."""
+    h = jnp.tanh(batch["x"] @ params["w"])
+    mu = h.mean(0)
+    new_stats = {"mean": 0.9 * batch_stats["mean"] + 0.1 * mu}
+    pred = (h - mu) @ params["v"][t]
+    return jnp.mean((pred - batch["y"][:, t]) ** 2), new_stats
+
+
+def dev_loss(variables, batch):
+    """The target's (task 0) loss in evaluation mode: the running statistics, not the batch's."""
+    h = jnp.tanh(batch["x"] @ variables["params"]["w"])
+    pred = (h - variables["batch_stats"]["mean"]) @ variables["params"]["v"][0]
+    return jnp.mean((pred - batch["y"][:, 0]) ** 2)
+
+
+def fresh_states(tx, variables, num_tasks=T):
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * num_tasks), variables["params"])
+    return jax.vmap(tx.init)(stacked)
+
+
+def test_alpha_gradient_matches_central_finite_differences_in_float64():
+    with jax.enable_x64(True):
+        variables, batches = make_problem(jnp.float64)
+        tx = optax.adam(0.05)
+        deltas, _, _ = alphavil.single_task_deltas(
+            task_loss, tx, variables, fresh_states(tx, variables), batches, jnp.ones(T)
+        )
+        dev = jax.tree.map(lambda x: x[0], batches)
+
+        def f(a):
+            return dev_loss(alphavil.merge(variables, deltas, a), dev)
+
+        alpha = jnp.array([1.0, 0.5, 1.5], jnp.float64)
+        got = np.asarray(jax.grad(f)(alpha))
+        eps = 1e-6
+        want = [(f(alpha.at[i].add(eps)) - f(alpha.at[i].add(-eps))) / (2 * eps) for i in range(T)]
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-7, atol=1e-10)
+        # The statistics take part: without their deltas the gradient differs.
+        frozen = {
+            "params": deltas["params"],
+            "batch_stats": jax.tree.map(jnp.zeros_like, deltas["batch_stats"]),
+        }
+        other = jax.grad(lambda a: dev_loss(alphavil.merge(variables, frozen, a), dev))(alpha)
+        assert not np.allclose(other, got)
+
+
+def test_one_task_with_alpha_one_is_plain_training_on_the_same_batches():
+    variables, batches = make_problem()
+    tx = optax.adam(0.05)
+    deltas, _, losses = alphavil.single_task_deltas(
+        task_loss, tx, variables, fresh_states(tx, variables, 1), batches, jnp.ones(1)
+    )
+    merged = alphavil.merge(variables, deltas, jnp.ones(1))
+    # Plain training, written out: K Adam steps on task 0's loss.
+    params, stats, opt = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    want_losses = []
+    for k in range(K):
+        batch = jax.tree.map(lambda x, k=k: x[k], batches)
+        (loss, new_stats), g = jax.value_and_grad(
+            lambda p, s=stats, b=batch: task_loss(p, s, b, 0), has_aux=True
+        )(params)
+        updates, opt = tx.update(g, opt, params)
+        params, stats = optax.apply_updates(params, updates), new_stats
+        want_losses.append(loss)
+    np.testing.assert_allclose(losses[0], want_losses, rtol=1e-6)
+    for got, want in zip(
+        jax.tree.leaves(merged), jax.tree.leaves({"params": params, "batch_stats": stats})
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_and_scanned_task_phases_give_the_same_deltas():
+    variables, batches = make_problem()
+    tx = optax.sgd(0.1, momentum=0.9)
+    weights = jnp.array([1.0, 0.7, 1.3])
+    out = {
+        mode: alphavil.single_task_deltas(
+            task_loss, tx, variables, fresh_states(tx, variables), batches, weights, mode
+        )
+        for mode in alphavil.TASK_BATCHING
+    }
+    for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["scan"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Each task's delta is its own training: task t's delta equals a one-task run with w_t.
+    deltas = out["scan"][0]
+    for t in range(T):
+
+        def only_t(p, s, b, _t, t=t):
+            return task_loss(p, s, b, t)
+
+        single, _, _ = alphavil.single_task_deltas(
+            only_t, tx, variables, fresh_states(tx, variables, 1), batches, weights[t : t + 1]
+        )
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(deltas)):
+            np.testing.assert_allclose(a[0], b[t], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="task_batching='loop'"):
+        alphavil.single_task_deltas(task_loss, tx, variables, None, batches, weights, "loop")
+
+
+def test_merge_and_weights_by_hand():
+    variables = {"params": {"a": jnp.array([1.0, 2.0])}, "batch_stats": {"m": jnp.array([0.5])}}
+    deltas = {
+        "params": {"a": jnp.array([[1.0, 0.0], [0.0, 2.0]])},
+        "batch_stats": {"m": jnp.array([[1.0], [-1.0]])},
+    }
+    merged = alphavil.merge(variables, deltas, jnp.array([0.5, 2.0]))
+    np.testing.assert_allclose(merged["params"]["a"], [1.5, 6.0])
+    np.testing.assert_allclose(merged["batch_stats"]["m"], [0.5 + 0.5 - 2.0])
+    w = alphavil.update_weights(jnp.array([1.0, 1.0, 0.2]), jnp.array([1.5, 0.2, 0.5]))
+    np.testing.assert_allclose(w, [1.5, 0.2, -0.3])
+    clamped = alphavil.update_weights(jnp.ones(3), jnp.array([3.0, 1.0, -2.0]), clamp=(0.0, 2.0))
+    np.testing.assert_allclose(clamped, [2.0, 1.0, 0.0])
+
+
+def test_fitting_alpha_lowers_the_dev_loss_and_down_weights_the_shuffled_task():
+    variables, batches = make_problem()
+    tx = optax.adam(0.05)
+    deltas, _, _ = alphavil.single_task_deltas(
+        task_loss, tx, variables, fresh_states(tx, variables), batches, jnp.ones(T)
+    )
+    dev = jax.tree.map(lambda x: jnp.stack([x[0]] * 20), batches)  # 20 steps on one dev batch
+    alpha, losses = alphavil.fit_alpha(
+        dev_loss, optax.sgd(0.5), variables, deltas, jnp.ones(T), dev
+    )
+    assert losses[-1] < losses[0]
+    fitted = dev_loss(
+        alphavil.merge(variables, deltas, alpha), jax.tree.map(lambda x: x[0], batches)
+    )
+    assert fitted < losses[0]
+    assert alpha[2] < alpha[0]  # the shuffled task's delta helps the target least
