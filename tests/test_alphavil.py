@@ -162,3 +162,106 @@ def test_fitting_alpha_lowers_the_dev_loss_and_down_weights_the_shuffled_task():
     )
     assert fitted < losses[0]
     assert alpha[2] < alpha[0]  # the shuffled task's delta helps the target least
+
+
+# --------------------------------------------------------------------------- the program
+def program_config(**overrides):
+    """αVIL on three MultiDigits tasks, 2-stage CNN: 16 steps an epoch, K = 4 inner steps."""
+    from conftest import tiny_config  # noqa: PLC0415
+
+    c = tiny_config()
+    c.name = "alphavil"
+    c.data.name = "multidigits"
+    c.data.tasks = ("left", "right", "sum")
+    c.data.kwargs = {"num_train": 512, "num_val": 256, "num_test": 256}
+    c.model.stage_sizes = (1, 1)
+    c.model.width = 4
+    c.objective.preset = "final_only"
+    c.program.name = "alphavil"
+    c.program.alpha_steps = 2
+    c.train.batch_size = 32
+    c.train.steps = 16
+    c.train.log_every = 4
+    c.train.eval_every = 8
+    c.train.checkpoint_every = 8
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
+
+
+def final_params(config, workdir):
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+    from hisd_jax import loop as loop_lib  # noqa: PLC0415
+
+    exp = experiment_lib.build_experiment(config)
+    return jax.device_get(loop_lib.restore_latest(exp, str(workdir))[0])
+
+
+def test_one_task_with_alpha_fixed_at_one_is_standard_training(tmp_path):
+    """T = 1, α_lr = 0 (α stays 1), the inner optimizer's state carried: θ after each epoch is
+    θ after the same K batches of plain training, so the whole run equals the standard
+    program's on the same stream."""
+    from hisd_jax import train  # noqa: PLC0415
+
+    common = dict(data__tasks=("left",), program__alpha_lr=0.0, program__inner_state="carried")
+    av = program_config(**common)
+    std = program_config(**common, program__name="standard")
+    train.train_and_evaluate(av, str(tmp_path / "av"))
+    train.train_and_evaluate(std, str(tmp_path / "std"))
+    a, b = final_params(av, tmp_path / "av"), final_params(std, tmp_path / "std")
+    assert int(a.step) == int(b.step) == 16
+    for x, y in zip(
+        jax.tree.leaves((a.params, a.batch_stats)), jax.tree.leaves((b.params, b.batch_stats))
+    ):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+    assert float(a.program["weights"][0]) == 1.0 and int(a.program["epoch"]) == 4
+
+
+def test_bad_program_fields_are_config_errors():
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+    from hisd_jax.config import ConfigError  # noqa: PLC0415
+
+    for field, value, message in [
+        ("target", "up", "program.target='up' is not one of"),
+        ("rho", 0.0, r"program.rho=0.0 must lie in \(0, 1\]"),
+        ("inner_state", "x", "program.inner_state='x' is not one of fresh, carried"),
+        ("task_batching", "loop", "program.task_batching='loop' is not one of vmap, scan"),
+        ("alpha_optimizer", "lbfgs", "program.alpha_optimizer='lbfgs' is not one of sgd, adam"),
+        ("alpha_steps", 0, "program.alpha_steps=0 must be an integer >= 1"),
+        ("weight_clamp", (2.0, 1.0), "program.weight_clamp"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            experiment_lib.build_experiment(program_config(**{f"program__{field}": value}))
+
+
+AV_ARG = (
+    "data__name=multidigits,data__tasks=('left','right','sum'),"
+    "data__kwargs={'num_train':512,'num_val':256,'num_test':256},model__stage_sizes=(1,1),"
+    "model__width=4,objective__preset=final_only,program__name=alphavil,program__alpha_steps=2,"
+    "program__inner_state=carried,train__batch_size=32,train__steps=32,train__log_every=4,"
+    "train__eval_every=8,train__checkpoint_every=8"
+)
+
+
+def test_sigkill_resumes_to_bitwise_identical_weights_and_parameters(
+    pytestconfig, tmp_path_factory
+):
+    import signal  # noqa: PLC0415
+
+    from _workers import cache_env, load_npz  # noqa: PLC0415
+    from test_resume import assert_states_equal, run, run_until_checkpoint  # noqa: PLC0415
+
+    env = cache_env(pytestconfig, tmp_path_factory)
+    root = tmp_path_factory.mktemp("alphavil_resume")
+    straight, killed = root / "straight", root / "killed"
+    run(straight, AV_ARG, env)
+    code, log = run_until_checkpoint(killed, AV_ARG, env, 16, signal.SIGKILL)
+    assert code == -signal.SIGKILL, log[-3000:]
+    run(killed, AV_ARG, env)
+    assert_states_equal(killed / "final_state.npz", straight / "final_state.npz")
+    state = load_npz(straight / "final_state.npz")
+    assert int(state[".step"]) == 32 and int(state[".program['epoch']"]) == 8
+    assert any("inner_opt" in k for k in state)  # the carried inner optimizer state
+    weights = state[".program['weights']"]
+    assert weights.shape == (3,) and not np.allclose(weights, 1.0)

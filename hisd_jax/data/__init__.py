@@ -36,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from hisd_jax.data.pipeline import BatchIterator, eval_batches, steps_per_epoch
+from hisd_jax.data.pipeline import BatchIterator, eval_batches, steps_per_epoch, with_positions
 
 __all__ = [
     "DATASETS",
@@ -47,6 +47,7 @@ __all__ = [
     "eval_batches",
     "get_dataset",
     "steps_per_epoch",
+    "with_positions",
 ]
 
 

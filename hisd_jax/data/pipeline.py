@@ -36,7 +36,7 @@ def steps_per_epoch(source_len: int, global_batch_size: int) -> int:
     return -(-source_len // global_batch_size)
 
 
-def _with_positions(source, positions: np.ndarray) -> dict[str, np.ndarray]:
+def with_positions(source, positions: np.ndarray) -> dict[str, np.ndarray]:
     """`source.get_batch(positions)` plus 'position' (the rows asked for, int32)."""
     batch = source.get_batch(positions)
     batch["position"] = np.asarray(positions, dtype=np.int32)
@@ -92,7 +92,7 @@ class _Loader:
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return _with_positions(self.source, self.indices(step))
+        return with_positions(self.source, self.indices(step))
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -220,7 +220,7 @@ def eval_batches(
         for start in range(0, len(source), global_batch_size):
             positions = start + process_index * local + np.arange(local)
             real = positions < len(source)
-            batch = _with_positions(source, np.where(real, positions, 0))
+            batch = with_positions(source, np.where(real, positions, 0))
             batch["mask"] = real.astype(np.float32)
             yield batch
 

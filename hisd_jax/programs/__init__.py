@@ -8,6 +8,8 @@ config validation does) imports nothing heavy.
   standard        one batch -> one update (programs/standard.py)
   kd_joint        KD from converged tasks, all tasks from the start (programs/kd_converged.py)
   kd_sequential   KD from converged tasks, tasks entering one at a time
+  alphavil        αVIL: per-task inner training, α fitted on the target's validation loss
+                  (programs/alphavil.py)
 
 A new program: a module here with a `Program` subclass, and one line in `_PROGRAMS`.
 """
@@ -19,6 +21,7 @@ _PROGRAMS = {
     "standard": ("standard", "StandardProgram"),
     "kd_joint": ("kd_converged", "KDJointProgram"),
     "kd_sequential": ("kd_converged", "KDSequentialProgram"),
+    "alphavil": ("alphavil", "AlphaVILProgram"),
 }
 PROGRAMS: tuple[str, ...] = tuple(_PROGRAMS)
 
