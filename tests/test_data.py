@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from hisd_jax.data import DATASETS, BatchIterator, eval_batches, get_dataset, steps_per_epoch
+from hisd_jax.data import (
+    DATASETS,
+    BatchIterator,
+    TaskInfo,
+    eval_batches,
+    get_dataset,
+    steps_per_epoch,
+)
 from hisd_jax.data.embedded import ArraySource
 
 SKLEARN = load_digits()
@@ -132,6 +139,24 @@ def test_multidigits_label_noise_corrupts_training_labels_only(multidigits):
         get_dataset("multidigits", seed=0, label_noise=noise, **SIZES).splits["train"]
     )
     np.testing.assert_array_equal(again["left"], got["left"])  # fixed by the seed
+
+
+def test_multidigits_shuffled_copies_keep_the_label_distribution_and_lose_the_signal(
+    multidigits,
+):
+    got = get_dataset("multidigits", seed=0, shuffled_copies=("left",), **SIZES)
+    assert got.tasks["left_shuffled"] == TaskInfo(
+        "left_shuffled", "classification", 10, "left_shuffled"
+    )
+    for split in ("train", "val", "test"):
+        b, clean = everything(got.splits[split]), everything(multidigits.splits[split])
+        np.testing.assert_array_equal(b["left"], clean["left"])
+        np.testing.assert_array_equal(np.sort(b["left_shuffled"]), np.sort(b["left"]))
+        agree = np.mean(b["left_shuffled"] == b["left"])
+        chance = np.sum(np.bincount(b["left"], minlength=10) ** 2) / len(b["left"]) ** 2
+        assert abs(agree - chance) < 4 * np.sqrt(chance / len(b["left"])), (split, agree, chance)
+    with pytest.raises(ValueError, match="shuffled_copies names task 'up'"):
+        get_dataset("multidigits", seed=0, shuffled_copies=("up",), **SIZES)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 from scipy import optimize
 
 from hisd_jax.mtl import gradients as gm
+from hisd_jax.mtl import strategy as strategy_lib
 
 SHAPES = [(2, 10), (3, 24), (5, 50)]
 SEEDS = [0, 1]
@@ -376,3 +377,22 @@ def test_gradnorm_matches_reference_over_steps():
         np.testing.assert_allclose(np.asarray(state["initial_losses"]), losses_seq[0], rtol=1e-6)
     np.testing.assert_allclose(w_ref.sum(), 3.0)
     assert not np.allclose(w_ref, 1.0)
+
+
+def test_gcosine_uses_auxiliary_gradients_whose_cosine_with_the_target_is_positive():
+    g = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.1], [0.0, 0.0]])  # target first; g3 = 0
+    gram = jnp.asarray(g @ g.T, jnp.float32)
+    key = jax.random.key(0)
+    plain = gm.get_gradient_method("gcosine", 4)
+    w, _ = plain.weights(gram, jnp.ones(4), plain.init(4), step=0, rng=key)
+    np.testing.assert_array_equal(w, [1.0, 1.0, 0.0, 0.0])
+    weighted = gm.get_gradient_method("gcosine", 4, weighted=True)
+    w, _ = weighted.weights(gram, jnp.ones(4), weighted.init(4), step=0, rng=key)
+    np.testing.assert_allclose(w, [1.0, 1 / np.sqrt(2), 0.0, 0.0], rtol=1e-6)
+    assert np.all(np.isfinite(w))
+    # The target by name; every other task measured against it.
+    s = strategy_lib.build_strategy("gcosine", ("a", "b", "c", "d"), target="b")
+    w, _ = s.method.weights(gram, jnp.ones(4), s.method.init(4), step=0, rng=key)
+    np.testing.assert_array_equal(w, [1.0, 1.0, 0.0, 0.0])  # cos(g1, g0) > 0, cos(g1, g2) < 0
+    with pytest.raises(ValueError, match="target='x' is not one of"):
+        strategy_lib.build_strategy("gcosine", ("a", "b"), target="x")

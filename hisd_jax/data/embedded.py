@@ -12,6 +12,9 @@ source image appears in two splits ('src_left', 'src_right' hold the sklearn row
 shifts are drawn from `np.random.default_rng([seed, split_number])`. 'index' is the row in the
 split. Tasks: left, right (10 classes), sum (19), same_parity, left_gt_right (2) and ink (the
 canvas's mean pixel intensity, standardised with the train split's mean and std).
+`shuffled_copies=(task, ...)` adds, per task named, a task `<task>_shuffled` whose labels
+are that task's permuted within each split by a fixed seed: the same label distribution and no
+signal (an auxiliary task built to hurt, for αVIL's benchmark).
 `label_noise={task: rate}` corrupts the *training* labels of those tasks only (validation and
 test stay clean), drawn from `np.random.default_rng([seed, 7, task number])`: a classification
 label is replaced, with probability `rate`, by a class drawn uniformly from all classes
@@ -150,6 +153,7 @@ def multidigits(
     fractions=(0.6, 0.2, 0.2),
     normalize: bool = True,
     label_noise: dict | None = None,
+    shuffled_copies: tuple = (),
 ) -> Dataset:
     if max_shift < 0 or canvas < DIGIT + max_shift:
         raise ValueError(
@@ -176,6 +180,14 @@ def multidigits(
         "left_gt_right": TaskInfo("left_gt_right", "classification", 2, "left_gt_right"),
         "ink": TaskInfo("ink", "regression", 0, "ink"),
     }
+    for name in shuffled_copies:  # a task made to hurt: its labels carry no signal
+        if name not in tasks:
+            raise ValueError(f"shuffled_copies names task {name!r}; tasks are {', '.join(tasks)}")
+        info, copy = tasks[name], f"{name}_shuffled"
+        for k, arrays in enumerate(raw.values()):
+            rng = np.random.default_rng([seed, 11, list(tasks).index(name), k])
+            arrays[copy] = rng.permutation(arrays[info.label_key])
+        tasks[copy] = TaskInfo(copy, info.kind, info.num_classes, copy)
     _corrupt_labels(raw["train"], tasks, dict(label_noise or {}), seed)
     splits = {split: ArraySource(arrays) for split, arrays in raw.items()}
     return Dataset("multidigits", splits, (canvas, canvas, 1), tasks)

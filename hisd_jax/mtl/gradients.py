@@ -548,6 +548,34 @@ def _nashmtl(
     return GradientMethod(_no_state, weights)
 
 
+def _gcosine(num_tasks, task_ids, target: int = 0, weighted: bool = False):
+    """Gradient-similarity weighting of auxiliary tasks (Du, Czarnecki, Jayakumar, Farajtabar,
+    Pascanu & Lakshminarayanan, "Adapting Auxiliary Losses Using Gradient Similarity", 2018).
+
+    One target task (index `target`, weight 1); an auxiliary task's gradient is used only when
+    its cosine with the target's gradient is positive: w_t = 1[cos(g_target, g_t) > 0], or
+    w_t = max(0, cos) with `weighted`. In Gram form cos = K_0t / sqrt(K_00 K_tt); its sign is
+    the sign of K_0t, so the unweighted rule needs no division (a zero gradient: weight 0).
+    """
+    del task_ids
+    if not 0 <= target < num_tasks:
+        raise ValueError(f"gcosine: target={target} must index one of the {num_tasks} tasks")
+
+    def weights(gram, losses, state, *, step, rng, active=None):
+        mask = active_mask(active, num_tasks)
+        dots = gram[target]
+        if weighted:
+            norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+            scale = norms[target] * norms
+            w = jnp.where(scale > 0, jnp.maximum(dots, 0.0) / jnp.where(scale > 0, scale, 1.0), 0.0)
+        else:
+            w = (dots > 0).astype(jnp.float32)
+        w = w.at[target].set(1.0)
+        return lax.stop_gradient(jnp.where(mask, w, 0.0).astype(jnp.float32)), state
+
+    return GradientMethod(_no_state, weights)
+
+
 _METHODS = {
     "ew": _ew,
     "mean": _mean,
@@ -558,6 +586,7 @@ _METHODS = {
     "imtlg": _imtlg,
     "gradnorm": _gradnorm,
     "nashmtl": _nashmtl,
+    "gcosine": _gcosine,
 }
 
 

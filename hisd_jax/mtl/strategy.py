@@ -100,8 +100,13 @@ def build_strategy(
 
     Raises:
       ValueError: an unknown name, space or backward, or hyper-parameters the strategy rejects.
+    A hyper-parameter `target` given as a task name becomes that task's index.
     """
     tasks = tuple(tasks)
+    if isinstance(hparams.get("target"), str):  # a target task given by name (gcosine)
+        if hparams["target"] not in tasks:
+            raise ValueError(f"mtl.hparams.target={hparams['target']!r} is not one of {tasks}")
+        hparams["target"] = tasks.index(hparams["target"])
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not one of {', '.join(SPACES)}")
     if backward not in BACKWARDS:
