@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.program.alpha_lr = 0.1
     c.program.alpha_steps = 4
     c.program.weight_clamp = ()
+    # Discriminative importance weighting (diw; programs/diw.py): auxiliary examples weighted
+    # by p/(1 - p) of a logistic regression (inverse regularisation diw_c) telling the target's
+    # validation inputs from the training inputs; `target` as above.
+    c.program.diw_c = 1.0
     return c
 
 

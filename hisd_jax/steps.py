@@ -48,12 +48,16 @@ class LossContext:
     soft_targets: {task: [B, C] probabilities (classification) or [B] predictions
       (regression)} for the tasks that have soft targets in this batch; a task absent here
       trains on its labels whatever its soft_weight.
+    example_weights: {task: [B] float32 >= 0}: per-example weights of a task's loss terms (a
+      self-normalised weighted mean over the batch, times the padding mask); a task absent
+      here weighs its examples equally (importance weighting, programs/diw.py).
     """
 
     progress: jax.Array
     active: jax.Array
     soft_weight: jax.Array
     soft_targets: dict
+    example_weights: dict = flax.struct.field(default_factory=dict)
 
     @classmethod
     def hard(cls, progress, num_tasks: int, active=None) -> LossContext:

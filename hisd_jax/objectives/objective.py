@@ -79,12 +79,16 @@ def build_objective(obj_cfg, tasks, depths) -> Objective:
             e = task.exits
             feat = uses_feat[task.name]
             soft = ctx.soft_targets.get(task.name)
+            mask = batch.get("mask")
+            if task.name in ctx.example_weights:  # every term becomes a weighted mean
+                w = ctx.example_weights[task.name]
+                mask = w if mask is None else mask * w
             loss, terms = task.task_kind.loss(
                 outputs["logits"][task.name],
                 batch[task.label_key],
                 weights[task.name],
                 progress=ctx.progress,
-                mask=batch.get("mask"),
+                mask=mask,
                 features=[outputs["projected"][j] for j in e[:-1]] if feat else None,
                 final_features=outputs["features"][e[-1]] if feat else None,
                 soft=soft,

@@ -10,6 +10,8 @@ config validation does) imports nothing heavy.
   kd_sequential   KD from converged tasks, tasks entering one at a time
   alphavil        αVIL: per-task inner training, α fitted on the target's validation loss
                   (programs/alphavil.py)
+  diw             auxiliary examples weighted by a dev-vs-train classifier's density ratio
+                  (programs/diw.py)
 
 A new program: a module here with a `Program` subclass, and one line in `_PROGRAMS`.
 """
@@ -22,6 +24,7 @@ _PROGRAMS = {
     "kd_joint": ("kd_converged", "KDJointProgram"),
     "kd_sequential": ("kd_converged", "KDSequentialProgram"),
     "alphavil": ("alphavil", "AlphaVILProgram"),
+    "diw": ("diw", "DIWProgram"),
 }
 PROGRAMS: tuple[str, ...] = tuple(_PROGRAMS)
 
