@@ -21,7 +21,7 @@ def make_problem(dtype=jnp.float32, seed=0):
             "w": jnp.asarray(rng.normal(size=(D, H)) / np.sqrt(D), dtype),
             "v": jnp.asarray(rng.normal(size=(T, H)), dtype),
         },
-        "batch_stats": {"mean": jnp.zeros(H, dtype)},
+        "batch_stats": {"mean": jnp.zeros(H, dtype), "var": jnp.ones(H, dtype)},
     }
     x = rng.normal(size=(K, B, D))
     y = np.tanh(x @ rng.normal(size=(D, T)))
@@ -34,7 +34,10 @@ def task_loss(params, batch_stats, batch, t):
     """Task t's squared error; the running mean of the hidden units is the 'BatchNorm'."""
     h = jnp.tanh(batch["x"] @ params["w"])
     mu = h.mean(0)
-    new_stats = {"mean": 0.9 * batch_stats["mean"] + 0.1 * mu}
+    new_stats = {
+        "mean": 0.9 * batch_stats["mean"] + 0.1 * mu,
+        "var": 0.9 * batch_stats["var"] + 0.1 * h.var(0),
+    }
     pred = (h - mu) @ params["v"][t]
     return jnp.mean((pred - batch["y"][:, t]) ** 2), new_stats
 
@@ -42,7 +45,8 @@ def task_loss(params, batch_stats, batch, t):
 def dev_loss(variables, batch):
     """The target's (task 0) loss in evaluation mode: the running statistics, not the batch's."""
     h = jnp.tanh(batch["x"] @ variables["params"]["w"])
-    pred = (h - variables["batch_stats"]["mean"]) @ variables["params"]["v"][0]
+    stats = variables["batch_stats"]
+    pred = ((h - stats["mean"]) / jnp.sqrt(stats["var"])) @ variables["params"]["v"][0]
     return jnp.mean((pred - batch["y"][:, 0]) ** 2)
 
 
@@ -140,6 +144,19 @@ def test_merge_and_weights_by_hand():
     merged = alphavil.merge(variables, deltas, jnp.array([0.5, 2.0]))
     np.testing.assert_allclose(merged["params"]["a"], [1.5, 6.0])
     np.testing.assert_allclose(merged["batch_stats"]["m"], [0.5 + 0.5 - 2.0])
+    # A BatchNorm variance: the same merge in log space, positive where the sum would not be.
+    bn = {"batch_stats": {"bn": {"mean": jnp.array([0.0]), "var": jnp.array([2.0])}}}
+    d = {
+        "batch_stats": {
+            "bn": {"mean": jnp.array([[1.0], [1.0]]), "var": jnp.array([[-1.0], [2.0]])}
+        }
+    }
+    got = alphavil.merge(bn, d, jnp.array([1.0, 0.5]))["batch_stats"]["bn"]
+    np.testing.assert_allclose(got["mean"], [1.5])
+    np.testing.assert_allclose(got["var"], [2.0 * (1.0 / 2.0) * (4.0 / 2.0) ** 0.5], rtol=1e-6)
+    shrink = {"batch_stats": {"bn": {"mean": jnp.zeros((3, 1)), "var": jnp.full((3, 1), -0.5)}}}
+    got = alphavil.merge(bn, shrink, jnp.ones(3))["batch_stats"]["bn"]["var"]
+    np.testing.assert_allclose(got, [2.0 * 0.75**3], rtol=1e-6)  # the sum would give 0.5 (then < 0)
     w = alphavil.update_weights(jnp.array([1.0, 1.0, 0.2]), jnp.array([1.5, 0.2, 0.5]))
     np.testing.assert_allclose(w, [1.5, 0.2, -0.3])
     clamped = alphavil.update_weights(jnp.ones(3), jnp.array([3.0, 1.0, -2.0]), clamp=(0.0, 2.0))

@@ -12,8 +12,9 @@ w_t = 1 at the start. Each epoch:
 
 Variables are flax variable dicts {"params", "batch_stats"}. BatchNorm running statistics are
 handled like parameters: each task's inner run updates its own copy from θ's, and they are
-merged with the same α (bs ← bs + Σ_t α_t (bs_t − bs)), so the dev loss of step 2, evaluated
-with running statistics, sees the statistics the merged parameters will have.
+merged with the same α (means: bs ← bs + Σ_t α_t (bs_t − bs); variances: the same in log
+space, so they stay positive; see `merge`), so the dev loss of step 2, evaluated with running
+statistics, sees the statistics the merged parameters will have.
 
 Task losses are given as `task_loss(params, batch_stats, batch, t) -> (loss, new_batch_stats)`
 for a task index t (an int32 scalar, traced under vmap), so these functions know nothing of the
@@ -102,15 +103,32 @@ def single_task_deltas(
     return jax.lax.map(lambda args: one(*args), (tasks, opt_states, weights))
 
 
-def merge(variables, deltas, alpha):
-    """θ + Σ_t α_t δ_t on every floating leaf (params and BatchNorm statistics)."""
+def _is_variance(path) -> bool:
+    """A BatchNorm running variance: flax's `batch_stats` collection names it `var`."""
+    keys = [getattr(k, "key", None) for k in path]
+    return "batch_stats" in keys and keys[-1] == "var"
 
-    def combine(x, d):
+
+def merge(variables, deltas, alpha):
+    """θ + Σ_t α_t δ_t on every floating leaf (parameters, BatchNorm running means).
+
+    A BatchNorm running variance v is merged the same way in log space,
+    v · exp(Σ_t α_t log(v_t / v)) with v_t = v + δ_t: summed deltas of a variance go negative
+    (every task moves it towards the same batch statistics, so Σ_t δ_t counts that move T
+    times), a product of ratios stays positive.
+    """
+
+    def combine(path, x, d):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
-        return x + jnp.tensordot(alpha.astype(d.dtype), d, axes=1).astype(x.dtype)
+        a = alpha.astype(d.dtype)
+        if _is_variance(path):
+            tiny = jnp.finfo(x.dtype).tiny
+            log_ratio = jnp.log(jnp.maximum(x + d, tiny)) - jnp.log(jnp.maximum(x, tiny))
+            return (x * jnp.exp(jnp.tensordot(a, log_ratio, axes=1))).astype(x.dtype)
+        return x + jnp.tensordot(a, d, axes=1).astype(x.dtype)
 
-    return jax.tree.map(combine, variables, deltas)
+    return jax.tree_util.tree_map_with_path(combine, variables, deltas)
 
 
 def fit_alpha(
