@@ -59,14 +59,14 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 0
     c.program.target = "left"
     c.program.rho = arg.rho
-    steps = arg.steps
+    steps, log_every = arg.steps, 100
     if arg.program == "alphavil" and arg.budget == "examples":
         steps = steps // len(TASKS)
     if arg.program == "alphavil":  # whole αVIL epochs of K = round(rho x steps per epoch)
         k = max(1, round(arg.rho * -(-arg.num_train // c.train.batch_size)))
-        steps = max(k, steps // k * k)
+        steps, log_every = max(k, steps // k * k), k  # α and w logged every epoch
     c.train.steps = steps
-    c.train.log_every = 16 if arg.program == "alphavil" else 100
+    c.train.log_every = log_every
     c.train.eval_every = 0
     c.train.checkpoint_every = 400
     c.lock()

@@ -120,14 +120,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.program.order = ()  # kd_sequential: the order tasks enter in; () = data.tasks
     # αVIL (alphavil; programs/alphavil.py): one unit = one αVIL epoch. From θ, every task
     # trains alone (the `optimizer` section, state "fresh" each epoch or "carried") on
-    # round(rho x steps per epoch) batches with loss w_t L_t (task_batching "vmap" or "scan");
+    # round(rho x steps per epoch) batches with loss w_t L_t (task_batching "loop", "vmap" or
+    # "scan": the same deltas; see mtl/alphavil.py for their memory and speed);
     # alpha_steps steps of alpha_optimizer (sgd, adam) at alpha_lr fit α on the target's
     # validation batches; θ += Σ α_t δ_t, w_t += α_t - 1 (clipped to weight_clamp = (lo, hi)
     # if given). target: the target task ("" = the first of data.tasks).
     c.program.target = ""
     c.program.rho = 0.25
     c.program.inner_state = "fresh"
-    c.program.task_batching = "vmap"
+    c.program.task_batching = "loop"
     c.program.alpha_optimizer = "sgd"
     c.program.alpha_lr = 0.1
     c.program.alpha_steps = 4

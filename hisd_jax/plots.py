@@ -1,11 +1,17 @@
 """Figures from workdirs.
 
   python -m hisd_jax.plots --workdirs runs/kd_ew,runs/kd_joint,runs/kd_seq --out kd_curves.png
+  python -m hisd_jax.plots --kind alphavil --workdirs runs/av --out alphavil_weights.png
 
 `kd_curves`: one panel per task, its judging metric on the validation split (the first of
 `mtl.metrics`, at the task's deepest exit) against the training step, one line per workdir,
 with a marker where KD from converged tasks declared the task converged and switched it to its
 soft labels (`results.json` "kd" entry; runs of other programs have no markers).
+
+`alphavil_weights`: αVIL's task weights w and fitted α per task against the αVIL epoch (the
+paper's Figure 3), one row per workdir, from the `alphavil/weight/<task>` and
+`alphavil/alpha/<task>` training events (means over each log interval; the αVIL configs log
+every epoch).
 """
 
 from __future__ import annotations
@@ -96,6 +102,44 @@ def kd_curves(workdirs: list[str], out: str) -> None:
     plt.close(fig)
 
 
+def alphavil_weights(workdirs: list[str], out: str) -> None:
+    """The αVIL figure of the module docstring, written to `out` (PNG)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(
+        len(workdirs), 2, figsize=(9, 3.0 * len(workdirs)), squeeze=False, sharex="row"
+    )
+    for row, w in zip(axes, workdirs):
+        events = [e for e in _events(w) if e["split"] == "train" and "loss" in e]
+        per_unit = load_config(w).train.log_every  # steps per logged point
+        for ax, kind in zip(row, ("weight", "alpha")):
+            keys = sorted(
+                k for k in (events[0] if events else {}) if k.startswith(f"alphavil/{kind}/")
+            )
+            for k in keys:
+                ax.plot(
+                    [e["step"] / per_unit for e in events],
+                    [e[k] for e in events],
+                    label=k.split("/")[-1],
+                    lw=1.2,
+                )
+            ax.set_title(
+                f"{_label(w)}: {'task weight w' if kind == 'weight' else 'fitted α'}", fontsize=9
+            )
+            ax.set_xlabel("logged interval (epochs with the αVIL configs)")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+FIGURES = {"kd": kd_curves, "alphavil": alphavil_weights}
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
@@ -103,8 +147,10 @@ def main(argv):
     missing = [w for w in workdirs if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
     if not workdirs or missing:
         cli.fail(PROG, f"--workdirs: no metrics.jsonl in {', '.join(missing) or '(none given)'}")
+    if flags.FLAGS.kind not in FIGURES:
+        cli.fail(PROG, f"--kind={flags.FLAGS.kind!r} is not one of {', '.join(FIGURES)}")
     try:
-        kd_curves(workdirs, flags.FLAGS.out)
+        FIGURES[flags.FLAGS.kind](workdirs, flags.FLAGS.out)
     except OSError as e:
         cli.fail(PROG, f"--out={flags.FLAGS.out}: {e.strerror or e}")
     print(f"wrote {flags.FLAGS.out}")
@@ -113,4 +159,5 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_string("workdirs", None, "Comma-separated training workdirs.", required=True)
     flags.DEFINE_string("out", "kd_curves.png", "The PNG to write.")
+    flags.DEFINE_string("kind", "kd", "The figure: kd (validation curves), alphavil (weights).")
     app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -107,7 +107,7 @@ def test_one_task_with_alpha_one_is_plain_training_on_the_same_batches():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_vmapped_and_scanned_task_phases_give_the_same_deltas():
+def test_vmapped_looped_and_scanned_task_phases_give_the_same_deltas():
     variables, batches = make_problem()
     tx = optax.sgd(0.1, momentum=0.9)
     weights = jnp.array([1.0, 0.7, 1.3])
@@ -117,8 +117,9 @@ def test_vmapped_and_scanned_task_phases_give_the_same_deltas():
         )
         for mode in alphavil.TASK_BATCHING
     }
-    for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["scan"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for other in ("loop", "scan"):
+        for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out[other])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # Each task's delta is its own training: task t's delta equals a one-task run with w_t.
     deltas = out["scan"][0]
     for t in range(T):
@@ -131,8 +132,8 @@ def test_vmapped_and_scanned_task_phases_give_the_same_deltas():
         )
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(deltas)):
             np.testing.assert_allclose(a[0], b[t], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="task_batching='loop'"):
-        alphavil.single_task_deltas(task_loss, tx, variables, None, batches, weights, "loop")
+    with pytest.raises(ValueError, match="task_batching='map'"):
+        alphavil.single_task_deltas(task_loss, tx, variables, None, batches, weights, "map")
 
 
 def test_merge_and_weights_by_hand():
@@ -243,7 +244,7 @@ def test_bad_program_fields_are_config_errors():
         ("target", "up", "program.target='up' is not one of"),
         ("rho", 0.0, r"program.rho=0.0 must lie in \(0, 1\]"),
         ("inner_state", "x", "program.inner_state='x' is not one of fresh, carried"),
-        ("task_batching", "loop", "program.task_batching='loop' is not one of vmap, scan"),
+        ("task_batching", "map", "program.task_batching=.map. is not one of vmap, loop, scan"),
         ("alpha_optimizer", "lbfgs", "program.alpha_optimizer='lbfgs' is not one of sgd, adam"),
         ("alpha_steps", 0, "program.alpha_steps=0 must be an integer >= 1"),
         ("weight_clamp", (2.0, 1.0), "program.weight_clamp"),

@@ -7,7 +7,7 @@ validation split, and in one jitted function:
 
   1. from θ, every task trains alone on the K batches with loss w_t L_t (the config's
      `optimizer`; its state fresh each epoch or carried, `program.inner_state`), vmapped or
-     scanned over tasks (`program.task_batching`): δ_t = θ_t − θ, BatchNorm statistics too;
+     looped over tasks (`program.task_batching`): δ_t = θ_t − θ, BatchNorm statistics too;
   2. α (from 1) takes `alpha_steps` steps of `alpha_optimizer` at `alpha_lr` on the target's
      loss, evaluation mode, at θ + Σ α_t δ_t, one validation batch a step;
   3. θ ← θ + Σ α_t δ_t, w_t ← w_t + (α_t − 1) (clipped to `weight_clamp` if set).
