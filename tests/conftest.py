@@ -58,6 +58,11 @@ def tiny_config(**overrides):
     c.train.eval_every = 20
     c.train.checkpoint_every = 20
     c.train.progress = False
+    return override(c, **overrides)
+
+
+def override(c, **overrides):
+    """`c` with `section__field=value` overrides applied (in place); returns `c`."""
     for key, value in overrides.items():
         section, field = key.split("__")
         c[section][field] = value

@@ -185,7 +185,7 @@ def test_fitting_alpha_lowers_the_dev_loss_and_down_weights_the_shuffled_task():
 # --------------------------------------------------------------------------- the program
 def program_config(**overrides):
     """αVIL on three MultiDigits tasks, 2-stage CNN: 16 steps an epoch, K = 4 inner steps."""
-    from conftest import tiny_config  # noqa: PLC0415
+    from conftest import override, tiny_config  # noqa: PLC0415
 
     c = tiny_config()
     c.name = "alphavil"
@@ -202,10 +202,7 @@ def program_config(**overrides):
     c.train.log_every = 4
     c.train.eval_every = 8
     c.train.checkpoint_every = 8
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return override(c, **overrides)
 
 
 def final_params(config, workdir):

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from _workers import cache_env, load_npz
-from conftest import tiny_config
+from conftest import override, tiny_config
 from test_resume import assert_states_equal, run, run_until_checkpoint
 
 from hisd_jax import checkpointing
@@ -46,10 +46,7 @@ def kd_config(**overrides):
     c.train.eval_every = 4
     c.train.log_every = 4
     c.train.checkpoint_every = 4
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return override(c, **overrides)
 
 
 # --------------------------------------------------------------------------- convergence

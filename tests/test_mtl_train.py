@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, override, tiny_config
 
 from hisd_jax import loop as loop_lib
 from hisd_jax import sweep, train
@@ -51,10 +51,7 @@ def mtl_config(**overrides):
     c.train.eval_every = 0
     c.train.log_every = 4
     c.train.checkpoint_every = 100
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return override(c, **overrides)
 
 
 def small_config(**overrides):

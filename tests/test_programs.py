@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import override, tiny_config
 
 from hisd_jax import loop as loop_lib
 from hisd_jax import programs, steps, train
@@ -49,10 +49,7 @@ def small_config(tasks=TASKS, **overrides):
     c.train.log_every = 4
     c.train.eval_every = 4
     c.train.checkpoint_every = 4
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return override(c, **overrides)
 
 
 # ----------------------------------------------------------------------- a program of our own
