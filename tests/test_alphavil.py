@@ -289,3 +289,22 @@ def test_sigkill_resumes_to_bitwise_identical_weights_and_parameters(
     assert any("inner_opt" in k for k in state)  # the carried inner optimizer state
     weights = state[".program['weights']"]
     assert weights.shape == (3,) and not np.allclose(weights, 1.0)
+
+
+def test_weights_figure(tmp_path):
+    import json  # noqa: PLC0415
+
+    from hisd_jax import plots  # noqa: PLC0415
+
+    config = program_config()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for epoch in range(1, 6):
+            event = {"step": 4 * epoch, "split": "train", "loss": 1.0}
+            for t, w in (("left", 1.0), ("right", 1.0 - 0.1 * epoch), ("sum", 1.0)):
+                event[f"alphavil/weight/{t}"] = w
+                event[f"alphavil/alpha/{t}"] = 1.0
+            f.write(json.dumps(event) + "\n")
+    out = tmp_path / "weights.png"
+    plots.alphavil_weights([str(tmp_path)], str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
