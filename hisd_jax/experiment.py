@@ -144,15 +144,20 @@ def init_state(exp: Experiment) -> TrainState:
         key = jax.random.key(seed)
         variables = exp.model.init(key, jnp.zeros(shape, jnp.float32))
         params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
         strategy_params, strategy_state = exp.strategy.init()
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=variables.get("batch_stats", {}),
+            batch_stats=batch_stats,
             opt_state=exp.tx.init({"model": params, "strategy": strategy_params}),
             strategy_params=strategy_params,
             strategy_state=strategy_state,
-            program=exp.program.init_state() if exp.program is not None else {},
+            program=(
+                exp.program.init_state({"params": params, "batch_stats": batch_stats})
+                if exp.program is not None
+                else {}
+            ),
             rng=jax.random.key_data(jax.random.fold_in(key, 1)),
             bad_step=jnp.full((), -1, jnp.int32),
         )

@@ -61,7 +61,8 @@ class AlternatingProgram(Program):
     batches_per_unit = 2
     updates_per_unit = 2
 
-    def init_state(self):
+    def init_state(self, variables):
+        del variables
         return {
             "updates": jnp.zeros(len(self.exp.tasks), jnp.int32),
             "evals": jnp.zeros((), jnp.int32),

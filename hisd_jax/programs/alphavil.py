@@ -54,7 +54,7 @@ class AlphaVILProgram(Program):
         self._epoch = None  # the next unit's epoch, read from the state once (host side)
 
     # ------------------------------------------------------------------ state
-    def init_state(self):
+    def init_state(self, variables):
         num = len(self.exp.tasks)
         state = {
             "weights": jnp.ones(num, jnp.float32),
@@ -62,8 +62,7 @@ class AlphaVILProgram(Program):
             "epoch": jnp.zeros((), jnp.int32),
         }
         if self.cfg.inner_state == "carried":
-            params = _init_params(self.exp)
-            stacked = jax.tree.map(lambda x: jnp.stack([x] * num), params)
+            stacked = jax.tree.map(lambda x: jnp.stack([x] * num), variables["params"])
             state["inner_opt"] = jax.vmap(self.inner_tx.init)(stacked)
         return state
 
@@ -189,11 +188,6 @@ class AlphaVILProgram(Program):
                 "reported_parameters": "final",
             }
         }
-
-
-def _init_params(exp):
-    variables = exp.model.init(jax.random.key(0), jnp.zeros((1, *exp.dataset.image_shape)))
-    return variables["params"]
 
 
 def _checked_config(exp):

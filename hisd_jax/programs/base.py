@@ -2,7 +2,7 @@
 
 The loop (`loop.py`) calls, in this order:
 
-  program.init_state()                     the program's state pytree (inside the jitted init;
+  program.init_state(variables)            the program's state pytree (inside the jitted init;
                                            it lives in `TrainState.program`, so it is
                                            checkpointed, restored and replicated with the rest)
   program.run_unit(state, sums, batches)   one unit of work on `batches_per_unit` global
@@ -52,8 +52,10 @@ class Program:
         self._zeros = None
 
     # ---------------------------------------------------------------- state
-    def init_state(self) -> Any:
-        """The program's initial state pytree (traced inside the jitted init)."""
+    def init_state(self, variables) -> Any:
+        """The program's initial state pytree (traced inside the jitted init); `variables` are
+        the model's initial {"params", "batch_stats"}."""
+        del variables
         return {}
 
     # ---------------------------------------------------------------- the unit of work

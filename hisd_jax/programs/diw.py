@@ -45,7 +45,8 @@ class DIWProgram(Program):
         self.target = cfg.target or names[0]
         self.weights = importance_weights(exp, cfg.diw_c)
 
-    def init_state(self):
+    def init_state(self, variables):
+        del variables
         return {"example_weights": jnp.asarray(self.weights)}
 
     def make_unit_fn(self):

@@ -67,7 +67,7 @@ class KDJointProgram(Program):
         self._on_disk = {}  # (item, task) -> the step of the version this run wrote or restored
 
     # ------------------------------------------------------------------ state
-    def init_state(self):
+    def init_state(self, variables):
         exp = self.exp
         num = len(exp.tasks)
         n_train = len(exp.dataset.splits["train"])
@@ -90,7 +90,7 @@ class KDJointProgram(Program):
             "soft_weight": jnp.zeros(num, jnp.float32),
             "soft": tables,
             # Filled at a task's first improvement (the initial parameters until then).
-            "best_params": {t: _placeholder_params(exp) for t in exp.task_names},
+            "best_params": {t: jax.tree.map(jnp.zeros_like, variables) for t in exp.task_names},
         }
 
     # ------------------------------------------------------------------ the unit of work
@@ -286,15 +286,6 @@ class KDSequentialProgram(KDJointProgram):
 
     name = "kd_sequential"
     sequential = True
-
-
-def _placeholder_params(exp) -> dict:
-    """Zeros shaped like the model's variables (traced inside the jitted init)."""
-    variables = exp.model.init(jax.random.key(0), jnp.zeros((1, *exp.dataset.image_shape)))
-    return jax.tree.map(
-        jnp.zeros_like,
-        {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
-    )
 
 
 def _checked_config(exp, sequential: bool):
