@@ -74,6 +74,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) for every method and baseline.")
     flags.DEFINE_string("space", None, "Default space of gradient methods (default: the config's).")
+    flags.DEFINE_list(
+        "judge",
+        None,
+        "Tasks that judge the methods (their single-task baselines, table columns and Δm); "
+        "default every task. A target-task comparison (αVIL): --judge left.",
+    )
     flags.DEFINE_bool("train", True, "Train missing runs; --notrain only summarises finished ones.")
     flags.DEFINE_string(
         "shard", None, "i/n: train only runs i, i+n, i+2n, ... of the plan, no summary."
@@ -102,11 +108,13 @@ class Run:
     config: object
 
 
-def plan(config, methods, seeds, space=None) -> list[Run]:
-    """The single-task baselines (task x seed), then every method x seed, validated."""
+def plan(config, methods, seeds, space=None, judge=None) -> list[Run]:
+    """The single-task baselines (task x seed; only the tasks in `judge` if given), then every
+    method x seed, validated."""
     space = space or config.mtl.space
+    judge = check_judge(config, judge)
     runs = []
-    for task in config.data.tasks:
+    for task in judge:
         for seed in seeds:
             cfg = tasks_lib.single_task_config(
                 config, task, seed=seed, name=f"{config.name}:single_{task}:seed{seed}"
@@ -137,6 +145,19 @@ def plan(config, methods, seeds, space=None) -> list[Run]:
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(f"run {run.subdir}: {e}") from e
     return runs
+
+
+def check_judge(config, judge) -> tuple[str, ...]:
+    """The judged tasks: `judge` (names in data.tasks, SweepError otherwise) or every task."""
+    if not judge:
+        return tuple(config.data.tasks)
+    unknown = [t for t in judge if t not in config.data.tasks]
+    if unknown or len(set(judge)) != len(judge):
+        raise SweepError(
+            f"--judge={','.join(judge)} must name distinct tasks of data.tasks "
+            f"({', '.join(config.data.tasks)})"
+        )
+    return tuple(judge)
 
 
 def _check_strategy(config) -> None:
@@ -383,8 +404,13 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True, shard=None) -> dict:
+def sweep(
+    config, workdir: str, methods, seeds, space=None, train: bool = True, shard=None, judge=None
+) -> dict:
     """Trains (if `train`) and summarises the sweep; writes sweep.md and sweep.json.
+
+    `judge` (task names) restricts the single-task baselines, the table's columns and Δm to
+    those tasks (a target-task comparison: `--judge left`); default every task.
 
     With `shard=(i, n)` it trains only runs i, i + n, ... of the plan and returns
     {"table": None, "trained": [subdir, ...]} without summarising.
@@ -394,8 +420,9 @@ def sweep(config, workdir: str, methods, seeds, space=None, train: bool = True, 
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds={seeds} must be distinct and not empty")
-    runs = plan(config, methods, seeds, space)
-    specs = experiment.build_experiment(config).tasks
+    runs = plan(config, methods, seeds, space, judge)
+    judged = check_judge(config, judge)
+    specs = [s for s in experiment.build_experiment(config).tasks if s.name in judged]
     os.makedirs(workdir, exist_ok=True)
     if shard is not None:
         mine = runs[shard[0] :: shard[1]]
@@ -433,6 +460,7 @@ def main(argv):
             FLAGS.space,
             FLAGS.train,
             parse_shard(FLAGS.shard),
+            FLAGS.judge,
         )
     except (config_lib.ConfigError, SweepError) as e:
         print(f"sweep error: {e}", file=sys.stderr)

@@ -516,6 +516,31 @@ def test_sweep_shards_train_disjoint_runs(tiny_sweep, tmp_path, capsys):
     assert sweep.parse_shard("1/3") == (1, 3) and sweep.parse_shard(None) is None
 
 
+def test_sweep_judged_by_one_task(tiny_sweep, tmp_path):
+    """`judge=("left",)`: only left's baselines are needed, the table has only left's column,
+    and Δm is the relative change of left's accuracy over its single-task mean (by hand)."""
+    config, workdir, _ = tiny_sweep
+    clone = str(tmp_path / "clone")
+    shutil.copytree(workdir, clone)
+    shutil.rmtree(os.path.join(clone, "single", "ink"))  # not needed when judged by left
+    out = sweep.sweep(config, clone, SWEEP_METHODS, [0, 1], train=False, judge=("left",))
+    assert "left accuracy" in out["table"] and "ink" not in out["table"]
+    rows = out["summary"]["rows"]
+    base = [
+        json.load(open(os.path.join(clone, "single", "left", f"seed{s}", "results.json")))
+        for s in (0, 1)
+    ]
+    base_acc = sum(r["test"]["left"]["exit0"]["accuracy"] for r in base) / 2
+    run = json.load(open(os.path.join(clone, "uw", "seed0", "results.json")))
+    acc = run["test"]["left"]["exit0"]["accuracy"]
+    assert rows["uw"]["seeds"][0]["delta_m"] == pytest.approx(
+        100 * (acc - base_acc) / base_acc, rel=1e-9
+    )
+    assert not os.path.exists(os.path.join(clone, "single", "ink"))
+    with pytest.raises(sweep.SweepError, match="--judge=up must name distinct tasks"):
+        sweep.sweep(config, clone, SWEEP_METHODS, [0, 1], train=False, judge=("up",))
+
+
 def test_uw_log_variances_are_trained(tiny_sweep):
     """(4) UW's log-variances get gradients through the optimizer and move (sweep's uw runs)."""
     config, workdir, _ = tiny_sweep
