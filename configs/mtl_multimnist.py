@@ -11,6 +11,9 @@ Run:
   python -m hisd_jax.main --config configs/mtl_multimnist.py:method=pcgrad --workdir runs/mm
 Variants: configs/mtl_multimnist.py:method=mgda,space=rep,seed=1,steps=2000,data_dir=/data
   single=left (or right) is that task's single-task baseline.
+αVIL and the target-focused baselines (the left digit is the target, as in the αVIL paper):
+  program=alphavil (αVIL with the settings of configs/alphavil_multidigits.py), program=diw,
+  method=gcosine; budget=examples gives αVIL the examples, not the epochs, of the others.
 Sweep with Delta_m% against single-task baselines (see hisd_jax/sweep.py):
   python -m hisd_jax.sweep --config configs/mtl_multimnist.py --methods ew,mgda,pcgrad,nashmtl \\
       --seeds 0,1,2 --workdir runs/mm_sweep
@@ -26,7 +29,17 @@ TASKS = ("left", "right")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, method="ew", space="param", seed=0, steps=5000, single="", data_dir="")
+    arg = parse_arg(
+        arg,
+        method="ew",
+        space="param",
+        program="standard",
+        budget="epochs",
+        seed=0,
+        steps=5000,
+        single="",
+        data_dir="",
+    )
     c = base_config()
     c.name = "mtl_multimnist"
     c.seed = arg.seed
@@ -51,6 +64,14 @@ def get_config(arg=None):
     c.train.log_every = 100
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
+    c.program.target = "left"  # αVIL, DIW and gcosine's target
+    c.program.inner_optimizer = "sgd"  # αVIL: see configs/alphavil_multidigits.py
+    c.program.inner_lr = 0.05
+    c.program.alpha_optimizer = "adam"
+    c.program.alpha_lr = 0.05
+    c.program.alpha_batch_size = 256
+    c.program.weight_clamp = (0.0, 3.0)
+    c.program.budget = arg.budget
     if arg.single:
         return single_task_config(c, arg.single)
-    return method_config(c, arg.method, arg.space, name=c.name)
+    return method_config(c, arg.method, arg.space, name=c.name, program=arg.program)

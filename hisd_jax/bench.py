@@ -22,6 +22,17 @@ All steps are compiled first; then `--rounds` rounds each time `--steps` steps o
 strategy, visiting them in a rotated order, so load from other processes spreads over all
 of them. Reported: the median step time over rounds and the median over rounds of the
 per-round ratio to EW. One `BENCH ` JSON line per strategy follows the table.
+
+αVIL's epoch against a plain multitask (EW) epoch on one config:
+
+`python -m hisd_jax.bench --config configs/alphavil_multidigits.py --alphavil`
+
+Per round (rotated, `--rounds`): a plain epoch (steps_per_epoch EW steps), αVIL's joint pass
+(steps_per_epoch steps on Σ w_t L_t) and its update (T inner runs of K steps, the α fit, the
+merge; `programs/alphavil.py`). Reported: medians over rounds and the median ratio of αVIL's
+epoch to the plain one, next to the ratio the examples predict,
+1 + T·K / steps_per_epoch + alpha_steps·alpha_batch_size / (steps_per_epoch·batch_size)
+(K = round(ρ·steps_per_epoch), so about 1 + ρ·T + the α fit's share).
 """
 
 import json
@@ -52,6 +63,7 @@ def define_flags() -> None:
         "'all' or comma-separated name[@space][:backward]: time every MTL strategy vs EW.",
     )
     flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps steps each.")
+    flags.DEFINE_bool("alphavil", False, "Time an αVIL epoch against a plain EW epoch.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -224,6 +236,82 @@ def benchmark_strategies(
     return out
 
 
+def benchmark_alphavil(config, rounds: int = 5) -> dict:
+    """Wall time of an αVIL epoch and of a plain EW epoch on `config` (see the module
+    docstring); returns a flat dict of milliseconds and ratios."""
+    import numpy as np  # noqa: PLC0415
+
+    from hisd_jax import experiment  # noqa: PLC0415
+    from hisd_jax import steps as steps_lib  # noqa: PLC0415
+    from hisd_jax.mtl import tasks as tasks_lib  # noqa: PLC0415
+
+    plain = experiment.build_experiment(tasks_lib.method_config(config, "ew", "param"))
+    exp = experiment.build_experiment(
+        tasks_lib.method_config(config, "ew", "param", program="alphavil")
+    )
+    program, per_epoch = exp.program, exp.steps_per_epoch
+    batches, _ = device_batches(plain, per_epoch)
+
+    step = steps_lib.make_train_step(plain)
+    p_state = experiment.init_state(plain)
+    p_sums = steps_lib.zero_metric_sums(plain, step, p_state, batches[0])
+    a_state = experiment.init_state(exp)
+    a_sums = steps_lib.zero_metric_sums(exp, program.unit, a_state, batches[0])
+
+    def plain_epoch(state, sums):
+        for b in batches:
+            state, sums = step(state, sums, b)
+        return jax.block_until_ready((state, sums))
+
+    def joint_pass(state, sums):
+        for b in batches:
+            state, sums = program.unit(state, sums, b)
+        return jax.block_until_ready((state, sums))
+
+    def update(state, epoch):
+        return jax.block_until_ready(program.end_epoch(state, epoch))
+
+    t0 = time.perf_counter()
+    p_state, p_sums = plain_epoch(p_state, p_sums)  # compiles
+    a_state, a_sums = joint_pass(a_state, a_sums)
+    a_state = update(a_state, 0)
+    compile_s = time.perf_counter() - t0
+    times = {"plain": [], "joint": [], "update": []}
+    for r in range(rounds):
+        order = ["plain", "joint", "update"]
+        for name in order[r % 3 :] + order[: r % 3]:
+            t0 = time.perf_counter()
+            if name == "plain":
+                p_state, p_sums = plain_epoch(p_state, p_sums)
+            elif name == "joint":
+                a_state, a_sums = joint_pass(a_state, a_sums)
+            else:
+                a_state = update(a_state, r + 1)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    ms = {k: np.asarray(v) for k, v in times.items()}
+    batch = config.train.batch_size
+    tasks, k = len(exp.tasks), program.inner_steps
+    alpha_rows = program.cfg.alpha_steps * program.alpha_batch_size
+    return {
+        "config": config.name,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "tasks": tasks,
+        "steps_per_epoch": per_epoch,
+        "inner_steps": k,
+        "alpha_steps": program.cfg.alpha_steps,
+        "alpha_batch_size": program.alpha_batch_size,
+        "rounds": rounds,
+        "compile_s": compile_s,
+        "plain_epoch_ms": float(np.median(ms["plain"])),
+        "joint_pass_ms": float(np.median(ms["joint"])),
+        "update_ms": float(np.median(ms["update"])),
+        "alphavil_epoch_ms": float(np.median(ms["joint"] + ms["update"])),
+        "ratio": float(np.median((ms["joint"] + ms["update"]) / ms["plain"])),
+        "ratio_predicted_by_examples": 1 + tasks * k / per_epoch + alpha_rows / (per_epoch * batch),
+    }
+
+
 def strategies_table(results: list[dict]) -> str:
     header = "| strategy | kind | space | step ms (median) | step ms (min) | x EW |"
     lines = [header, "|---|---|---|---:|---:|---:|"]
@@ -252,7 +340,9 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:
-        if FLAGS.strategies:
+        if FLAGS.alphavil:
+            result = benchmark_alphavil(FLAGS.config, FLAGS.rounds)
+        elif FLAGS.strategies:
             results = benchmark_strategies(
                 FLAGS.config,
                 strategy_tokens(FLAGS.strategies),

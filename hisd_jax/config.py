@@ -118,20 +118,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.program.top_k = 0
     c.program.label_dtype = "float32"
     c.program.order = ()  # kd_sequential: the order tasks enter in; () = data.tasks
-    # αVIL (alphavil; programs/alphavil.py): one unit = one αVIL epoch. From θ, every task
-    # trains alone (the `optimizer` section, state "fresh" each epoch or "carried") on
-    # round(rho x steps per epoch) batches with loss w_t L_t (task_batching "loop", "vmap" or
-    # "scan": the same deltas; see mtl/alphavil.py for their memory and speed);
-    # alpha_steps steps of alpha_optimizer (sgd, adam) at alpha_lr fit α on the target's
-    # validation batches; θ += Σ α_t δ_t, w_t += α_t - 1 (clipped to weight_clamp = (lo, hi)
-    # if given). target: the target task ("" = the first of data.tasks).
+    # αVIL (alphavil; programs/alphavil.py; needs mtl.method "ew"): an epoch is a joint pass
+    # (steps per epoch optimizer steps on Σ_t w_t L_t) and then one αVIL update: from θ, every
+    # task trains alone (the `optimizer` section, state "fresh" each epoch or "carried") on
+    # round(rho x steps per epoch) sampled training batches with loss w_t L_t (task_batching
+    # "loop", "vmap" or "scan": the same deltas; see mtl/alphavil.py for their memory and
+    # speed); alpha_steps steps of alpha_optimizer (sgd, adam) at alpha_lr fit α on the
+    # target's validation batches; θ += Σ α_t δ_t, w_t += α_t - 1 (clipped to weight_clamp =
+    # (lo, hi) if given). target: the target task ("" = the first of data.tasks).
+    # inner_optimizer / inner_lr: the inner runs' optimizer name and learning rate ("" / 0:
+    # the optimizer section's). budget: what train.steps buys, "epochs" (as many as a standard
+    # run) or "examples" (the whole epochs whose examples fit in train.steps batches).
     c.program.target = ""
     c.program.rho = 0.25
     c.program.inner_state = "fresh"
+    c.program.inner_optimizer = ""
+    c.program.inner_lr = 0.0
+    c.program.budget = "epochs"
     c.program.task_batching = "loop"
     c.program.alpha_optimizer = "sgd"
     c.program.alpha_lr = 0.1
     c.program.alpha_steps = 4
+    c.program.alpha_batch_size = 0  # validation rows per α step (0: train.batch_size)
     c.program.weight_clamp = ()
     # Discriminative importance weighting (diw; programs/diw.py): auxiliary examples weighted
     # by p/(1 - p) of a logistic regression (inverse regularisation diw_c) telling the target's

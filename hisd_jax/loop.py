@@ -185,9 +185,10 @@ class Loop:
 
     # ------------------------------------------------------------------ the loop
     def run(self, state: TrainState) -> tuple[TrainState, TrainInfo]:
-        """Runs units until `train.steps` (or `program.done`); returns the state and timing."""
+        """Runs units until the program's `total_steps` (`train.steps` unless the program
+        budgets otherwise) or `program.done`; returns the state and timing."""
         cfg = self.exp.config.train
-        total, per_unit = cfg.steps, self.program.updates_per_unit
+        total, per_unit = self.program.total_steps, self.program.updates_per_unit
         start = step = int(state.step)
         progress = metrics_lib.Progress(total, start, enabled=cfg.progress)
         t0, sums, n_sums = time.perf_counter(), None, 0

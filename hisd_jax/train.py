@@ -59,6 +59,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "exits": exit_table(exp, state),
             "train": {
                 "steps": config.train.steps,
+                "steps_taken": info.end,
                 "resumed_from": info.start,
                 "wall_time_s": info.wall_time_s,
                 "steps_per_s": (info.end - info.start) / info.wall_time_s

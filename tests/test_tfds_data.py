@@ -132,3 +132,37 @@ def test_position_is_the_row_in_the_split(mock, name):
         check_positions(source, 8)
     val = everything(data.splits["val"])  # 'index' keeps the record id; 'position' is the row
     np.testing.assert_array_equal(val["index"], [18, 19])
+
+
+@pytest.mark.parametrize("budget", ["epochs", "examples"])
+def test_alphavil_trains_on_multimnist(mock, tmp_path, budget):
+    """The MultiMNIST config's αVIL variant end to end on mock records (18 train, 2 val):
+    3 epochs of 3 joint steps (batch 8), each followed by an αVIL update whose α fit samples
+    the 2 validation rows with replacement; "examples" fits 1 epoch: (3 + 2 x 1) x 8 + 4 x 8
+    = 72 examples an epoch, 9 x 8 = 72 in the budget."""
+    from conftest import override  # noqa: PLC0415
+    from test_mtl_train import load_config_file  # noqa: PLC0415
+
+    from hisd_jax import train  # noqa: PLC0415
+
+    config = override(
+        load_config_file("mtl_multimnist.py", f"program=alphavil,budget={budget},steps=9"),
+        model__width=4,
+        model__stage_sizes=(1, 1),
+        model__strides=(1, 2),
+        model__task_exits={"left": (1,), "right": (1,)},
+        program__alpha_batch_size=8,
+        train__batch_size=8,
+        train__eval_batch_size=8,
+        train__log_every=3,
+        train__eval_every=9,
+        train__checkpoint_every=9,
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    av = results["alphavil"]
+    assert av["target"] == "left" and av["joint_steps_per_epoch"] == 3
+    assert av["inner_steps_per_epoch"] == 1  # round(0.25 x 3)
+    assert av["epochs"] == {"epochs": 3, "examples": 1}[budget]
+    assert results["train"]["steps_taken"] == 3 * av["epochs"]
+    assert set(results["test"]) == {"left", "right"}
+    assert all(np.isfinite(w) and 0.0 <= w <= 3.0 for w in av["weights"].values())

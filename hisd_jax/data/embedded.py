@@ -14,7 +14,9 @@ split. Tasks: left, right (10 classes), sum (19), same_parity, left_gt_right (2)
 canvas's mean pixel intensity, standardised with the train split's mean and std).
 `shuffled_copies=(task, ...)` adds, per task named, a task `<task>_shuffled` whose labels
 are that task's permuted within each split by a fixed seed: the same label distribution and no
-signal (an auxiliary task built to hurt, for αVIL's benchmark).
+signal (an auxiliary task built to hurt, for αVIL's benchmark); `copies=(task, ...)` adds
+`<task>_copy` with that task's labels unchanged (an auxiliary task built to help: the target's
+own signal through a head of its own).
 `label_noise={task: rate}` corrupts the *training* labels of those tasks only (validation and
 test stay clean), drawn from `np.random.default_rng([seed, 7, task number])`: a classification
 label is replaced, with probability `rate`, by a class drawn uniformly from all classes
@@ -154,6 +156,7 @@ def multidigits(
     normalize: bool = True,
     label_noise: dict | None = None,
     shuffled_copies: tuple = (),
+    copies: tuple = (),
 ) -> Dataset:
     if max_shift < 0 or canvas < DIGIT + max_shift:
         raise ValueError(
@@ -187,6 +190,13 @@ def multidigits(
         for k, arrays in enumerate(raw.values()):
             rng = np.random.default_rng([seed, 11, list(tasks).index(name), k])
             arrays[copy] = rng.permutation(arrays[info.label_key])
+        tasks[copy] = TaskInfo(copy, info.kind, info.num_classes, copy)
+    for name in copies:  # a task made to help: the same labels, a head of its own
+        if name not in tasks:
+            raise ValueError(f"copies names task {name!r}; tasks are {', '.join(tasks)}")
+        info, copy = tasks[name], f"{name}_copy"
+        for arrays in raw.values():
+            arrays[copy] = arrays[info.label_key].copy()
         tasks[copy] = TaskInfo(copy, info.kind, info.num_classes, copy)
     _corrupt_labels(raw["train"], tasks, dict(label_noise or {}), seed)
     splits = {split: ArraySource(arrays) for split, arrays in raw.items()}

@@ -11,9 +11,9 @@ w_t = 1 at the start. Each epoch:
   3. θ ← θ + Σ_t α_t δ_t (`merge`), w_t ← w_t + (α_t − 1)     (`update_weights`)
 
 Variables are flax variable dicts {"params", "batch_stats"}. BatchNorm running statistics are
-handled like parameters: each task's inner run updates its own copy from θ's, and they are
-merged with the same α (means: bs ← bs + Σ_t α_t (bs_t − bs); variances: the same in log
-space, so they stay positive; see `merge`), so the dev loss of step 2, evaluated with running
+handled per task like parameters: each task's inner run updates its own copy from θ's, and
+they are merged with the same α, normalised to a convex combination (bs ← bs + Σ_t c_t
+(bs_t − bs), c ∝ max(α, 0); see `merge`), so the dev loss of step 2, evaluated with running
 statistics, sees the statistics the merged parameters will have.
 
 Task losses are given as `task_loss(params, batch_stats, batch, t) -> (loss, new_batch_stats)`
@@ -114,29 +114,31 @@ def single_task_deltas(
     return jax.lax.map(lambda args: one(*args), (tasks, opt_states, weights))
 
 
-def _is_variance(path) -> bool:
-    """A BatchNorm running variance: flax's `batch_stats` collection names it `var`."""
-    keys = [getattr(k, "key", None) for k in path]
-    return "batch_stats" in keys and keys[-1] == "var"
+def _is_statistic(path) -> bool:
+    """A BatchNorm running statistic: a leaf of flax's `batch_stats` collection."""
+    return "batch_stats" in [getattr(k, "key", None) for k in path]
 
 
 def merge(variables, deltas, alpha):
-    """θ + Σ_t α_t δ_t on every floating leaf (parameters, BatchNorm running means).
+    """Step 3's θ + Σ_t α_t δ_t on every parameter (floating leaves of `params`).
 
-    A BatchNorm running variance v is merged the same way in log space,
-    v · exp(Σ_t α_t log(v_t / v)) with v_t = v + δ_t: summed deltas of a variance go negative
-    (every task moves it towards the same batch statistics, so Σ_t δ_t counts that move T
-    times), a product of ratios stays positive.
+    BatchNorm running statistics (means and variances, `batch_stats`) are estimates, not
+    displacements: every task's inner run moves them towards the statistics of the same
+    batches, so Σ_t δ_t would count that move T times (and drive variances negative). They
+    are merged as a convex combination of the tasks' statistics, s + Σ_t c_t δ_t with
+    c = max(α, 0) / Σ_t max(α_t, 0) (s unchanged if no α is positive): equal α give the mean
+    of the tasks' statistics, a task with α_t <= 0 contributes none, and a variance stays
+    positive by construction. Shapes: `deltas` has a leading task axis T on every leaf,
+    `alpha` is float32 [T].
     """
+    positive = jnp.maximum(alpha, 0.0)
+    total = jnp.sum(positive)
+    convex = jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), 0.0)
 
     def combine(path, x, d):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
-        a = alpha.astype(d.dtype)
-        if _is_variance(path):
-            tiny = jnp.finfo(x.dtype).tiny
-            log_ratio = jnp.log(jnp.maximum(x + d, tiny)) - jnp.log(jnp.maximum(x, tiny))
-            return (x * jnp.exp(jnp.tensordot(a, log_ratio, axes=1))).astype(x.dtype)
+        a = (convex if _is_statistic(path) else alpha).astype(d.dtype)
         return x + jnp.tensordot(a, d, axes=1).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(combine, variables, deltas)

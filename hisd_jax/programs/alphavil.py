@@ -1,23 +1,34 @@
-"""αVIL as a training program (`program.name = "alphavil"`): one unit = one αVIL epoch.
+"""αVIL as a training program (`program.name = "alphavil"`).
 
-Kourdis, Gordon-Hall & Gorinski, arXiv 2405.07769; the pure pieces are `mtl/alphavil.py`.
-A unit takes K = round(program.rho x steps per epoch) batches of the training stream (every
-example carries every task's label) and `program.alpha_steps` batches of the target's
-validation split, and in one jitted function:
+Kourdis, Gordon-Hall & Gorinski, arXiv 2405.07769 (Algorithm 1); the pure pieces are
+`mtl/alphavil.py`. An αVIL epoch is the `steps_per_epoch` units of its joint pass followed by
+the epoch's αVIL update:
 
-  1. from θ, every task trains alone on the K batches with loss w_t L_t (the config's
-     `optimizer`; its state fresh each epoch or carried, `program.inner_state`), vmapped or
-     looped over tasks (`program.task_batching`): δ_t = θ_t − θ, BatchNorm statistics too;
+  0. joint pass: one unit = one optimizer step (the config's `optimizer`, the train state's
+     optimizer state) on one batch of the training stream with loss Σ_t w_t L_t: the multitask
+     training that the task weights w steer;
+  then, once the epoch's last joint step is taken, one jitted function (`end_epoch`):
+  1. from θ, every task trains alone with loss w_t L_t for K = round(program.rho x
+     steps_per_epoch) steps on a ρ-fraction sample of the training split (K batches drawn by
+     (config.seed, epoch); every example carries every task's label, so the tasks share the
+     sample) with the config's `optimizer`, its name and learning rate replaced by
+     `program.inner_optimizer` and `program.inner_lr` where set (its state fresh each epoch
+     or carried, `program.inner_state`), vmapped, looped or scanned over tasks (`program.task_batching`):
+     δ_t = θ_t − θ, BatchNorm statistics too;
   2. α (from 1) takes `alpha_steps` steps of `alpha_optimizer` at `alpha_lr` on the target's
-     loss, evaluation mode, at θ + Σ α_t δ_t, one validation batch a step;
+     loss, evaluation mode, at θ + Σ α_t δ_t, one batch of `alpha_batch_size` rows of the
+     validation split (drawn by (config.seed, epoch)) a step;
   3. θ ← θ + Σ α_t δ_t, w_t ← w_t + (α_t − 1) (clipped to `weight_clamp` if set).
 
-`state.step` advances by K a unit (batches of the training stream consumed); the examples
-seen are T x K x batch for the inner passes plus alpha_steps x batch for the α fit. The α-fit
-batches are drawn from the validation split by (config.seed, epoch) alone, so a resume is
-exact; results are reported on test at the final parameters (validation is used by the α fit
-and must not also select the model). Program state: the weights w, the last α, the epoch and,
-if carried, every task's inner optimizer state.
+`state.step` counts joint steps (batches of the training stream). Examples seen per epoch:
+(steps_per_epoch + T x K) x batch + alpha_steps x alpha_batch_size, about
+1 + ρ·T + alpha_steps x alpha_batch_size / (steps_per_epoch x batch) times a plain epoch. `program.budget` says what `train.steps` buys: "epochs" (the
+same epochs as a standard run of train.steps) or "examples" (the whole epochs whose examples
+fit in train.steps batches; `total_steps`). A resume is exact
+at any step: the epoch's phase is `state.step`, its samples depend on (seed, epoch) alone, and
+the program state holds w, the last α and dev losses, the epoch count and, if carried, every
+task's inner optimizer state. Results are reported on test at the final parameters (validation
+feeds the α fit and must not also select the model).
 """
 
 from __future__ import annotations
@@ -25,16 +36,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 
 from hisd_jax import data as data_lib
 from hisd_jax import optim, parallel, steps
+from hisd_jax.config import OPTIMIZERS
 from hisd_jax.errors import ConfigError
 from hisd_jax.mtl import alphavil
 from hisd_jax.programs.base import Program
 
 ALPHA_OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
 INNER_STATES = ("fresh", "carried")
+BUDGETS = ("epochs", "examples")
 
 
 class AlphaVILProgram(Program):
@@ -47,11 +61,27 @@ class AlphaVILProgram(Program):
         self.cfg = cfg = _checked_config(exp)
         names = exp.task_names
         self.target = names.index(cfg.target) if cfg.target else 0
+        self.steps_per_epoch = exp.steps_per_epoch
         self.inner_steps = max(1, round(cfg.rho * exp.steps_per_epoch))
-        self.batches_per_unit = self.updates_per_unit = self.inner_steps
-        self.inner_tx = optim.build_optimizer(exp.config.optimizer, exp.config.train.steps)
+        self.inner_tx = optim.build_optimizer(_inner_optimizer(exp.config), exp.config.train.steps)
         self.alpha_tx = ALPHA_OPTIMIZERS[cfg.alpha_optimizer](cfg.alpha_lr)
-        self._epoch = None  # the next unit's epoch, read from the state once (host side)
+        self.alpha_batch_size = cfg.alpha_batch_size or exp.config.train.batch_size
+        self._epoch_fn = None
+        self._step = None  # the next unit's step, read from the state once (host side)
+
+    @property
+    def total_steps(self) -> int:
+        """`train.steps` (budget "epochs": as many epochs as a standard run of train.steps),
+        or (budget "examples") the whole epochs whose examples fit in train.steps batches:
+        an epoch reads (steps_per_epoch + T x K) training batches and alpha_steps validation
+        batches of alpha_batch_size rows."""
+        steps = self.exp.config.train.steps
+        if self.cfg.budget == "epochs":
+            return steps
+        batch = self.exp.config.train.batch_size
+        seen = (self.steps_per_epoch + len(self.exp.tasks) * self.inner_steps) * batch
+        seen += self.cfg.alpha_steps * self.alpha_batch_size
+        return max(1, steps * batch // seen) * self.steps_per_epoch
 
     # ------------------------------------------------------------------ state
     def init_state(self, variables):
@@ -59,6 +89,7 @@ class AlphaVILProgram(Program):
         state = {
             "weights": jnp.ones(num, jnp.float32),
             "alpha": jnp.ones(num, jnp.float32),
+            "dev_loss": jnp.zeros(2, jnp.float32),  # the last fit's [before, after]
             "epoch": jnp.zeros((), jnp.int32),
         }
         if self.cfg.inner_state == "carried":
@@ -66,8 +97,43 @@ class AlphaVILProgram(Program):
             state["inner_opt"] = jax.vmap(self.inner_tx.init)(stacked)
         return state
 
-    # ------------------------------------------------------------------ the unit of work
+    # ------------------------------------------------------------------ 0. the joint pass
     def make_unit_fn(self):
+        exp, names = self.exp, self.exp.task_names
+
+        def joint_step(state, sums, batch):
+            program = state.program
+            ctx = steps.LossContext.hard(steps.progress(exp, state.step), len(names))
+
+            def objective(params):
+                losses, (metrics, new_bs) = steps.loss_fn(
+                    exp, params, state.batch_stats, batch, ctx
+                )
+                return jnp.sum(program["weights"] * losses), (metrics, new_bs)
+
+            (loss, (metrics, new_bs)), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params
+            )
+            no_strategy = jax.tree.map(jnp.zeros_like, state.strategy_params)
+            state, update_metrics = steps.apply_update(
+                exp, state, loss, (grads, no_strategy), state.strategy_state, new_bs
+            )
+            metrics = {"loss": loss, **update_metrics, **metrics}
+            metrics["alphavil/dev_loss_before_fit"] = program["dev_loss"][0]
+            metrics["alphavil/dev_loss_after_fit"] = program["dev_loss"][1]
+            for i, t in enumerate(names):
+                metrics[f"weight/{t}"] = program["weights"][i]
+                metrics[f"alphavil/weight/{t}"] = program["weights"][i]
+                metrics[f"alphavil/alpha/{t}"] = program["alpha"][i]
+            metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+            return state, steps.accumulate(sums, metrics)
+
+        return joint_step
+
+    # ------------------------------------------------------------------ 1-3. the αVIL update
+    def make_epoch_fn(self):
+        """`(state, sums, *K train batches, *alpha_steps dev batches) -> (state, sums)`:
+        steps 1-3 of the module docstring; `state.step` unchanged, `sums` passed through."""
         exp, cfg, k = self.exp, self.cfg, self.inner_steps
         num, target = len(exp.tasks), self.target
         target_name = exp.task_names[target]
@@ -86,7 +152,7 @@ class AlphaVILProgram(Program):
             losses, _ = exp.objective.task_losses(outputs, batch, ctx)
             return losses[target_name]
 
-        def unit_fn(state, sums, *batches):
+        def epoch_fn(state, sums, *batches):
             program = state.program
             train = jax.tree.map(lambda *xs: jnp.stack(xs), *batches[:k])
             dev = jax.tree.map(lambda *xs: jnp.stack(xs), *batches[k:])
@@ -97,7 +163,7 @@ class AlphaVILProgram(Program):
             else:
                 stacked = jax.tree.map(lambda x: jnp.stack([x] * num), state.params)
                 opt_states = jax.vmap(self.inner_tx.init)(stacked)
-            deltas, opt_states, inner_losses = alphavil.single_task_deltas(
+            deltas, opt_states, _ = alphavil.single_task_deltas(
                 lambda p, bs, b, t: task_loss(p, bs, b, t, progress),
                 self.inner_tx,
                 variables,
@@ -116,64 +182,67 @@ class AlphaVILProgram(Program):
             )
             ok = finite & (state.bad_step < 0)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+            after = dev_loss(merged, jax.tree.map(lambda x: x[-1], dev))
             new_program = {
                 "weights": keep(weights, program["weights"]),
                 "alpha": keep(alpha, program["alpha"]),
+                "dev_loss": keep(jnp.stack([dev_losses[0], after]), program["dev_loss"]),
                 "epoch": program["epoch"] + 1,
             }
             if cfg.inner_state == "carried":
                 new_program["inner_opt"] = keep(opt_states, program["inner_opt"])
             state = state.replace(
-                step=state.step + k,
                 params=keep(merged["params"], state.params),
                 batch_stats=keep(merged["batch_stats"], state.batch_stats),
                 program=new_program,
                 bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step),
             )
-            metrics = {
-                "loss": jnp.mean(inner_losses[target]),
-                "alphavil/dev_loss_before": dev_losses[0],
-                "alphavil/dev_loss_after_fit": dev_loss(merged, jax.tree.map(lambda x: x[-1], dev)),
-            }
-            for i, t in enumerate(exp.task_names):
-                metrics[f"alphavil/alpha/{t}"] = alpha[i]
-                metrics[f"alphavil/weight/{t}"] = new_program["weights"][i]
-                metrics[f"{t}/inner_loss"] = jnp.mean(inner_losses[i])
-            return state, steps.accumulate(sums, metrics)
+            return state, sums
 
-        return unit_fn
+        return epoch_fn
 
-    @property
-    def unit(self):
-        if self._unit is None:
+    def end_epoch(self, state, epoch: int):
+        """Steps 1-3 for `epoch` (0-based) on its sampled batches; returns the new state."""
+        if self._epoch_fn is None:
             num_batches = self.inner_steps + self.cfg.alpha_steps
-            self._unit = steps.jit_unit(self.exp, self.make_unit_fn(), num_batches)
-        return self._unit
+            self._epoch_fn = steps.jit_unit(self.exp, self.make_epoch_fn(), num_batches)
+        size = self.exp.config.train.batch_size
+        train = self.sampled_batches("train", epoch, 1102, self.inner_steps, size)
+        dev = self.sampled_batches("val", epoch, 1103, self.cfg.alpha_steps, self.alpha_batch_size)
+        return self._epoch_fn(state, {}, *train, *dev)[0]
 
-    def dev_batches(self, epoch: int) -> list[dict]:
-        """The α-fit batches of `epoch`: validation rows drawn by (config.seed, epoch) only,
-        this process's block of each global batch, sharded like a training batch."""
+    def sampled_batches(self, split: str, epoch: int, salt: int, count: int, size: int):
+        """`count` global batches of `size` rows of `split` drawn without replacement (with it
+        when the split is smaller) by (config.seed, salt, epoch) alone; this process's block of
+        each, sharded like a training batch."""
         exp = self.exp
-        source = exp.dataset.splits["val"]
-        size = exp.config.train.batch_size
+        source = exp.dataset.splits[split]
         local = size // jax.process_count()
         start = jax.process_index() * local
-        rng = np.random.default_rng([exp.config.seed, 1103, epoch])
+        rng = np.random.default_rng([exp.config.seed, salt, epoch])
+        total = count * size
+        rows = (
+            rng.permutation(len(source))[:total]
+            if total <= len(source)
+            else rng.choice(len(source), total, replace=True)
+        )
         keys = exp.batch_keys(train=True)
         sharding = parallel.batch_sharded(exp.mesh)
         out = []
-        for _ in range(self.cfg.alpha_steps):
-            rows = rng.choice(len(source), size, replace=len(source) < size)
-            batch = data_lib.with_positions(source, np.sort(rows[start : start + local]))
+        for i in range(count):
+            block = rows[i * size : (i + 1) * size][start : start + local]
+            batch = data_lib.with_positions(source, np.sort(block))
             out.append(parallel.global_batch({k: batch[k] for k in keys}, sharding))
         return out
 
     def run_unit(self, state, sums, batches):
-        if self._epoch is None:  # once per run: the host does not read the state per unit
-            self._epoch = int(jax.device_get(state.program["epoch"]))
-        batches = [*batches, *self.dev_batches(self._epoch)]
-        self._epoch += 1
-        return super().run_unit(state, sums, batches)
+        if self._step is None:  # once per run: the host does not read the state per unit
+            self._step = int(jax.device_get(state.step))
+        state, sums = super().run_unit(state, sums, batches)
+        self._step += 1
+        if self._step % self.steps_per_epoch == 0:
+            state = self.end_epoch(state, self._step // self.steps_per_epoch - 1)
+        return state, sums
 
     def results(self, state) -> dict:
         program = jax.device_get(state.program)
@@ -182,7 +251,10 @@ class AlphaVILProgram(Program):
             "alphavil": {
                 "target": names[self.target],
                 "epochs": int(program["epoch"]),
+                "joint_steps_per_epoch": self.steps_per_epoch,
                 "inner_steps_per_epoch": self.inner_steps,
+                "alpha_steps_per_epoch": self.cfg.alpha_steps,
+                "alpha_batch_size": self.alpha_batch_size,
                 "weights": {t: float(w) for t, w in zip(names, program["weights"])},
                 "last_alpha": {t: float(a) for t, a in zip(names, program["alpha"])},
                 "reported_parameters": "final",
@@ -190,10 +262,25 @@ class AlphaVILProgram(Program):
         }
 
 
+def _inner_optimizer(config):
+    """The `optimizer` section with `program.inner_optimizer` / `program.inner_lr` applied."""
+    opt = config.optimizer.to_dict()
+    if config.program.inner_optimizer:
+        opt["name"] = config.program.inner_optimizer
+    if config.program.inner_lr:
+        opt["lr"] = config.program.inner_lr
+    return ml_collections.ConfigDict(opt)
+
+
 def _checked_config(exp):
     """The program section, validated against the experiment (ConfigError naming the field)."""
     cfg = exp.config.program
     names = exp.task_names
+    if exp.config.mtl.method != "ew":
+        raise ConfigError(
+            f"mtl.method={exp.config.mtl.method!r}: program.name='alphavil' weighs the tasks "
+            "itself (its joint pass minimises Σ w_t L_t); use mtl.method='ew'"
+        )
     if cfg.target and cfg.target not in names:
         raise ConfigError(f"program.target={cfg.target!r} is not one of data.tasks={names}")
     if not (isinstance(cfg.rho, float | int) and 0 < cfg.rho <= 1):
@@ -212,10 +299,27 @@ def _checked_config(exp):
             f"program.alpha_optimizer={cfg.alpha_optimizer!r} is not one of "
             f"{', '.join(ALPHA_OPTIMIZERS)}"
         )
+    if cfg.budget not in BUDGETS:
+        raise ConfigError(f"program.budget={cfg.budget!r} is not one of {', '.join(BUDGETS)}")
+    if cfg.inner_optimizer and cfg.inner_optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"program.inner_optimizer={cfg.inner_optimizer!r} is not one of '' (the "
+            f"optimizer's), {', '.join(OPTIMIZERS)}"
+        )
+    if not np.isfinite(cfg.inner_lr) or cfg.inner_lr < 0:
+        raise ConfigError(
+            f"program.inner_lr={cfg.inner_lr!r} must be a finite number >= 0 (0: optimizer.lr)"
+        )
     if not np.isfinite(cfg.alpha_lr) or cfg.alpha_lr < 0:
         raise ConfigError(f"program.alpha_lr={cfg.alpha_lr!r} must be a finite number >= 0")
     if not isinstance(cfg.alpha_steps, int) or cfg.alpha_steps < 1:
         raise ConfigError(f"program.alpha_steps={cfg.alpha_steps!r} must be an integer >= 1")
+    size, devices = cfg.alpha_batch_size, jax.device_count()
+    if not isinstance(size, int) or size < 0 or (size and size % devices):
+        raise ConfigError(
+            f"program.alpha_batch_size={size!r} must be 0 (train.batch_size) or a positive "
+            f"multiple of the device count ({devices})"
+        )
     clamp = tuple(cfg.weight_clamp)
     if clamp and not (len(clamp) == 2 and clamp[0] <= clamp[1]):
         raise ConfigError(

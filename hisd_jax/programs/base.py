@@ -11,6 +11,7 @@ The loop (`loop.py`) calls, in this order:
                                            `updates_per_unit` optimizer steps (`state.step`)
   program.after_eval(state, step, val)     host side, after each periodic validation; may
                                            return a changed state (e.g. switch a task's loss)
+  program.total_steps                      the run's length in steps (default train.steps)
   program.done(state)                      asked at evaluation steps: stop before the budget
   program.results(state)                   extra entries for results.json
 
@@ -50,6 +51,12 @@ class Program:
         self.exp = exp
         self._unit = None
         self._zeros = None
+
+    @property
+    def total_steps(self) -> int:
+        """The steps (`state.step`) the run takes: `train.steps`, unless the program converts
+        the budget (αVIL's `program.budget = "examples"`)."""
+        return self.exp.config.train.steps
 
     # ---------------------------------------------------------------- state
     def init_state(self, variables) -> Any:
