@@ -3,8 +3,14 @@
 Single fields are overridden as `--config.optimizer.lr=3e-4`. An invalid config, or
 an unknown config field, prints one line naming the field and exits with code 2
 before anything compiles or the workdir is touched.
+
+A job that seems hung (several processes waiting on one another): set
+HISD_DUMP_STACKS_AFTER_S=N and every process prints all its threads' Python stacks to stderr
+after N seconds (and goes on running).
 """
 
+import faulthandler
+import os
 import sys
 
 from absl import app, flags
@@ -24,6 +30,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if os.environ.get("HISD_DUMP_STACKS_AFTER_S"):
+        faulthandler.dump_traceback_later(float(os.environ["HISD_DUMP_STACKS_AFTER_S"]))
     cli.quiet_library_info()
     parallel.maybe_initialize_distributed()
     import jax  # noqa: PLC0415
