@@ -350,6 +350,8 @@ def test_sigkill_resumes_to_bitwise_identical_weights_and_parameters(
     assert any("inner_opt" in k for k in state)  # the carried inner optimizer state
     weights = state[".program['weights']"]
     assert weights.shape == (3,) and not np.allclose(weights, 1.0)
+    history = state[".program['weight_history']"]  # w after each of the 2 epochs
+    assert history.shape == (2, 3) and np.array_equal(history[-1], weights)
 
 
 def test_weights_figure(tmp_path):

@@ -26,8 +26,9 @@ the epoch's αVIL update:
 same epochs as a standard run of train.steps) or "examples" (the whole epochs whose examples
 fit in train.steps batches; `total_steps`). A resume is exact
 at any step: the epoch's phase is `state.step`, its samples depend on (seed, epoch) alone, and
-the program state holds w, the last α and dev losses, the epoch count and, if carried, every
-task's inner optimizer state. Results are reported on test at the final parameters (validation
+the program state holds w, the last α and dev losses, the epoch count, α and w after every
+epoch so far (`alpha_history`, `weight_history`, [epochs, T], NaN ahead) and, if carried,
+every task's inner optimizer state. Results are reported on test at the final parameters (validation
 feeds the α fit and must not also select the model).
 """
 
@@ -91,6 +92,9 @@ class AlphaVILProgram(Program):
             "alpha": jnp.ones(num, jnp.float32),
             "dev_loss": jnp.zeros(2, jnp.float32),  # the last fit's [before, after]
             "epoch": jnp.zeros((), jnp.int32),
+            # α and w after each epoch's update, [epochs of the run, T] (NaN: not yet run)
+            "alpha_history": jnp.full((self.epochs, num), jnp.nan, jnp.float32),
+            "weight_history": jnp.full((self.epochs, num), jnp.nan, jnp.float32),
         }
         if self.cfg.inner_state == "carried":
             stacked = jax.tree.map(lambda x: jnp.stack([x] * num), variables["params"])
@@ -189,6 +193,9 @@ class AlphaVILProgram(Program):
                 "dev_loss": keep(jnp.stack([dev_losses[0], after]), program["dev_loss"]),
                 "epoch": program["epoch"] + 1,
             }
+            row = jnp.minimum(program["epoch"], program["alpha_history"].shape[0] - 1)
+            for name, key in (("alpha_history", "alpha"), ("weight_history", "weights")):
+                new_program[name] = program[name].at[row].set(new_program[key])
             if cfg.inner_state == "carried":
                 new_program["inner_opt"] = keep(opt_states, program["inner_opt"])
             state = state.replace(
@@ -244,9 +251,19 @@ class AlphaVILProgram(Program):
             state = self.end_epoch(state, self._step // self.steps_per_epoch - 1)
         return state, sums
 
+    @property
+    def epochs(self) -> int:
+        """αVIL epochs (updates) the run takes: whole epochs of `total_steps`, at least 1."""
+        return max(1, self.total_steps // self.steps_per_epoch)
+
     def results(self, state) -> dict:
         program = jax.device_get(state.program)
         names = self.exp.task_names
+        done = int(program["epoch"])
+
+        def history(key):
+            return {t: [float(v) for v in program[key][:done, i]] for i, t in enumerate(names)}
+
         return {
             "alphavil": {
                 "target": names[self.target],
@@ -257,6 +274,8 @@ class AlphaVILProgram(Program):
                 "alpha_batch_size": self.alpha_batch_size,
                 "weights": {t: float(w) for t, w in zip(names, program["weights"])},
                 "last_alpha": {t: float(a) for t, a in zip(names, program["alpha"])},
+                "alpha_history": history("alpha_history"),
+                "weight_history": history("weight_history"),
                 "reported_parameters": "final",
             }
         }
