@@ -337,9 +337,11 @@ def _hard_cases():
 @pytest.mark.parametrize("case", list(_hard_cases()))
 def test_nash_is_robust(case):
     g = _hard_cases()[case]
+    zero = np.linalg.norm(g, axis=1) == 0  # no alpha solves alpha_t * 0 = 1 / alpha_t
     for normalize in ["none", "frobenius"]:
         alpha, _ = run("nashmtl", g, normalize=normalize)
-        assert np.isfinite(alpha).all() and (alpha > 0).all(), (normalize, alpha)
+        assert np.isfinite(alpha).all() and (alpha[~zero] > 0).all(), (normalize, alpha)
+        assert (alpha[zero] == 0).all(), (normalize, alpha)
     if case in ("nearly_collinear", "collinear", "conflicting"):  # a minimiser exists without ridge
         alpha, _ = run("nashmtl", g, normalize="none")
         np.testing.assert_allclose(alpha * (g @ g.T @ alpha), 1.0, rtol=1e-2)
@@ -358,7 +360,7 @@ def np_gradnorm_step(w, norms, losses, initial, alpha, lr, min_weight):
     gw = w * norms
     ratio = losses / initial
     target = gw.mean() * (ratio / ratio.mean()) ** alpha
-    new = np.maximum(w - lr * np.sign(gw - target) * norms, min_weight)
+    new = np.maximum(w - lr * np.sign(gw - target) * norms / gw.mean(), min_weight)
     return new * len(w) / new.sum()
 
 
@@ -396,3 +398,152 @@ def test_gcosine_uses_auxiliary_gradients_whose_cosine_with_the_target_is_positi
     np.testing.assert_array_equal(w, [1.0, 1.0, 0.0, 0.0])  # cos(g1, g0) > 0, cos(g1, g2) < 0
     with pytest.raises(ValueError, match="target='x' is not one of"):
         strategy_lib.build_strategy("gcosine", ("a", "b"), target="x")
+
+
+# ------------------------------------------------------------------ numerics at the edges (#14)
+def weights_on_gram(name, gram, losses=None, **hparams):
+    """w float64 from the jitted method on a given Gram matrix (float32 input)."""
+    num = gram.shape[0]
+    init, weights = jitted(name, num, tuple(sorted(hparams.items())))
+    losses = np.ones(num) if losses is None else losses
+    w, _ = weights(
+        jnp.asarray(gram, jnp.float32),
+        jnp.asarray(losses, jnp.float32),
+        init(num),
+        step=0,
+        rng=jax.random.key(0),
+    )
+    return np.asarray(w, np.float64)
+
+
+def test_mgda_l2_with_a_zero_or_tiny_gradient():
+    """A zero gradient normalises to the zero vector: the min-norm point is 0 (no update, finite
+    weights; before, the floor 1e-30 was squared, underflowed and gave NaN). A gradient of norm
+    1e-18 is a unit vector after normalisation: the hull of two orthogonal unit vectors has its
+    min-norm point at (1/2, 1/2) (float64 by hand)."""
+    w = weights_on_gram("mgda", np.array([[1.0, 0.0], [0.0, 0.0]]), normalize="l2")
+    np.testing.assert_array_equal(w, [0.0, 0.0])
+    # K_22 = 1e-38 is subnormal in float32, which XLA flushes to zero: the same as a zero
+    # gradient (no update, finite weights).
+    w = weights_on_gram("mgda", np.array([[1.0, 0.0], [0.0, 1e-38]]), normalize="l2")
+    np.testing.assert_array_equal(w, [0.0, 0.0])
+    w = weights_on_gram("mgda", np.array([[1.0, 0.0], [0.0, 1e-36]]), normalize="l2")
+    np.testing.assert_allclose(w * np.array([1.0, 1e-18]), [0.5, 0.5], rtol=1e-5)
+    # a zero loss puts g / L infinitely far: the task is left out of the hull
+    w = weights_on_gram("mgda", np.array([[1.0, 0.2], [0.2, 1.0]]), [0.0, 2.0], normalize="loss")
+    np.testing.assert_allclose(w, [0.0, 0.5], rtol=1e-6)
+
+
+def test_nash_is_scale_free():
+    """alpha does not depend on the overall scale (Frobenius normalisation) and follows each
+    task's own scale exactly (per-task ridge): diag(1, 1e-6) -> alpha = [1, 1000]."""
+    k = np.array([[1.0, 0.6], [0.6, 1.0]])
+    base = weights_on_gram("nashmtl", k)
+    np.testing.assert_allclose(base, np.sqrt(np.linalg.norm(k)) * np_nash(k), rtol=1e-5)
+    np.testing.assert_allclose(weights_on_gram("nashmtl", 1e20 * k), base, rtol=1e-5)
+    np.testing.assert_allclose(weights_on_gram("nashmtl", 1e-20 * k), base, rtol=1e-3)
+    np.testing.assert_array_equal(weights_on_gram("nashmtl", np.zeros((2, 2))), [0.0, 0.0])
+    for normalize in ("none", "frobenius"):
+        w = weights_on_gram("nashmtl", np.diag([1.0, 1e-6]), normalize=normalize)
+        np.testing.assert_allclose(w, [1.0, 1000.0], rtol=1e-5)
+
+
+def test_imtlg_projections_equal_with_gradients_1000x_apart():
+    g = np.array([[1000.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    update = weights_on_gram("imtlg", g @ g.T) @ g
+    projections = g @ update / np.linalg.norm(g, axis=1)
+    np.testing.assert_allclose(projections, np.full(3, 2.411795), rtol=1e-5)
+    np.testing.assert_allclose(update, np_imtlg(g), rtol=1e-5)
+
+
+def test_cagrad_with_gradients_1e4_apart_has_no_epsilon_in_its_update():
+    g = np.array([[1.0, 0.0], [0.0, 1e-4]])
+    w = weights_on_gram("cagrad", g @ g.T, c=0.5, rescale=0)
+    np.testing.assert_allclose(w @ g, np_cagrad(g, 0.5, 1.0), rtol=1e-4)
+    np.testing.assert_allclose(w @ g, [0.5, 0.25005], rtol=1e-4)
+
+
+def test_gradnorm_follows_one_trajectory_at_any_gradient_scale():
+    """The weights after 30 steps are the same whether the gradients are 1e-4, 1 or 1e4 in
+    size (the raw-unit step of the paper's loss would thrash at lr ||g|| >> 1)."""
+    rng = np.random.default_rng(0)
+    losses = np.exp(-np.linspace(0, 2, 30)[:, None] * np.array([1.0, 0.3, 2.0]))
+    grads = [make_grads(3, 24, s) for s in range(30)]
+    finals = []
+    for scale in (1e-4, 1.0, 1e4):
+        state = None
+        for g, loss in zip(grads, losses):
+            _, state = run("gradnorm", scale * g, losses=loss * rng.uniform(0.9, 1.1), state=state)
+        rng = np.random.default_rng(0)
+        finals.append(np.asarray(state["weights"]))
+    np.testing.assert_allclose(finals[0], finals[1], rtol=1e-4)
+    np.testing.assert_allclose(finals[2], finals[1], rtol=1e-4)
+    assert not np.allclose(finals[1], 1.0)
+
+
+METHOD_VARIANTS = [
+    ("ew", {}),
+    ("mean", {}),
+    ("mgda", {"normalize": "none"}),
+    ("mgda", {"normalize": "l2"}),
+    ("mgda", {"normalize": "loss"}),
+    ("mgda", {"normalize": "loss+"}),
+    ("pcgrad", {}),
+    ("gradvac", {}),
+    ("cagrad", {"rescale": 0}),
+    ("cagrad", {"rescale": 1}),
+    ("imtlg", {}),
+    ("gradnorm", {}),
+    ("nashmtl", {"normalize": "frobenius"}),
+    ("nashmtl", {"normalize": "none"}),
+    ("gcosine", {}),
+    ("gcosine", {"weighted": True}),
+]
+
+
+@pytest.mark.parametrize("name,hparams", METHOD_VARIANTS, ids=lambda v: str(v))
+def test_every_method_at_the_edges(name, hparams):
+    """Zero, tiny (1e-20) and huge (Gram x 1e20) gradients, one zero gradient, gradients 10^4
+    apart and a zero loss: finite weights, and the same weights at every overall scale (methods
+    that divide the gradients by their norms, MGDA l2 / loss+ and Nash-MTL without
+    normalisation: weights / sqrt(scale), their own law)."""
+    g = make_grads(3, 24, 0)
+    losses = np.array([1.0, 0.5, 2.0])
+    base = weights_on_gram(name, g @ g.T, losses, **hparams)
+    assert np.isfinite(base).all()
+    for scale in (1e-20, 1e20):
+        w = weights_on_gram(name, scale * (g @ g.T), losses, **hparams)
+        assert np.isfinite(w).all(), (scale, w)
+        if scale > 1:
+            # weights of gradients normalised by their norm shrink as the norms grow
+            per_norm = name == "nashmtl" or hparams.get("normalize") in ("l2", "loss+")
+            per_norm &= hparams.get("normalize") != "frobenius"
+            law = 1.0 / np.sqrt(scale) if per_norm else 1.0
+            np.testing.assert_allclose(w, law * base, rtol=2e-4, atol=1e-6 * np.abs(base).max())
+    for case in ("zero_task", "all_zero"):
+        h = _hard_cases()[case]
+        assert np.isfinite(weights_on_gram(name, h @ h.T, losses, **hparams)).all(), case
+    apart = g * np.array([[1.0], [1e4], [1e-2]])
+    w = weights_on_gram(name, apart @ apart.T, losses, **hparams)
+    assert np.isfinite(w).all()
+    w = weights_on_gram(name, g @ g.T, np.array([0.0, 0.5, 2.0]), **hparams)
+    assert np.isfinite(w).all()
+
+
+def test_per_task_scale_free_methods_with_gradients_1e4_apart():
+    """Against float64 references on gradients scaled by 1, 1e4 and 1e-2."""
+    g = make_grads(3, 24, 1) * np.array([[1.0], [1e4], [1e-2]])
+    k = g @ g.T
+    np.testing.assert_allclose(
+        weights_on_gram("imtlg", k) @ g, np_imtlg(g), rtol=1e-4, atol=1e-6 * np.abs(g).max()
+    )
+    np.testing.assert_allclose(
+        weights_on_gram("nashmtl", k, normalize="none"), np_nash(k), rtol=1e-4
+    )
+    orders = orders_for(0, 3)
+    np.testing.assert_allclose(
+        weights_on_gram("pcgrad", k) @ g,
+        np_pcgrad(g, orders).sum(0),
+        rtol=1e-4,
+        atol=1e-5 * np.abs(g).max(),
+    )

@@ -139,3 +139,34 @@ def test_delta_m_missing_baseline_or_direction_raises():
         delta_m(METRICS, BASELINES, {"seg": {"miou": True}, "depth": {"abs_err": False}})
     with pytest.raises(ValueError, match="is 0"):
         delta_m(METRICS, {"seg": {"miou": 0.0, "pix_acc": 0.8}, "depth": {"abs_err": 0.5}}, HIGHER)
+
+
+@pytest.mark.parametrize(
+    "name,hparams",
+    [
+        ("ew", {}),
+        ("static", {"weights": [0.2, 0.5, 0.3]}),
+        ("uw", {}),
+        ("dwa", {"steps_per_epoch": 1}),
+        ("rlw", {}),
+        ("gls", {}),
+    ],
+)
+def test_a_task_loss_of_exactly_zero(name, hparams):
+    """Every weighting with one task's loss exactly 0.0 over several epochs (DWA's loss ratio
+    then has 0 on both sides): finite total, weights and gradients; the weights of EW, static,
+    UW and RLW do not depend on the loss values, DWA's ratio of the zero task counts as 1."""
+    weighting = get_weighting(name, 3, **hparams)
+    params, state = weighting.init(3)
+    apply = jit_apply(weighting)
+    for step in range(5):
+        losses = jnp.array([0.0, 2.0 / (step + 1), 4.0])
+        kw = dict(step=step, rng=jax.random.key(step))
+        total, new_state, weights = apply(losses, params, state, **kw)
+        grads = grad_wrt_losses(weighting, losses, params, state, **kw)
+        for x in (total, weights, grads):
+            assert np.isfinite(np.asarray(x)).all(), (name, step, total, weights, grads)
+        state = new_state
+    if name == "dwa":  # after two finished epochs: r = [1 (0/0), 0.5/0.667, 1.0]
+        r = [1.0, (2.0 / 4) / (2.0 / 3), 1.0]
+        np.testing.assert_allclose(weights, dwa_weights(r), rtol=1e-5)

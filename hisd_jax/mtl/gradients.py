@@ -47,8 +47,7 @@ from jax import lax
 
 from hisd_jax.mtl.weighting import active_mask, resolve_task_ids, task_keys
 
-_TINY = 1e-30
-_EPS = 1e-8  # guards divisions by norms, relative to the mean-diagonal-normalised Gram matrix
+_TINY = 1e-30  # floors a squared norm against 0/0 only, never a scale
 
 
 class GradientMethod(NamedTuple):
@@ -109,6 +108,21 @@ def _unit_scale(gram, active=None):
     scale = jnp.maximum(jnp.sum(jnp.where(mask, jnp.diag(gram), 0.0)) / num_active, _TINY)
     both = mask[:, None] & mask[None, :]
     return jnp.where(both, gram / scale, jnp.eye(num, dtype=jnp.float32)), scale
+
+
+def _cosine(gram, mask):
+    """(C, norms, nonzero): C_ij = K_ij / (||g_i|| ||g_j||) computed as two divisions (no
+    product of norms, so 1e-20 and 1e20 gradients neither underflow nor overflow), with the rows
+    and columns of inactive or zero-gradient tasks those of I; norms = sqrt(diag K) (0 for
+    inactive tasks); nonzero = active with a positive norm. C is the scale-free form of K:
+    scaling task t's gradient leaves it unchanged."""
+    gram = _masked_gram(gram, mask)
+    norms = jnp.where(mask, jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)), 0.0)
+    nonzero = mask & (norms > 0)
+    safe = jnp.where(nonzero, norms, 1.0)
+    both = nonzero[:, None] & nonzero[None, :]
+    cos = jnp.clip(gram / safe[:, None] / safe[None, :], -1.0, 1.0)
+    return jnp.where(both, cos, jnp.eye(gram.shape[0], dtype=jnp.float32)), norms, nonzero
 
 
 def _uniform(mask):
@@ -209,15 +223,15 @@ def surgery_coefficients(gram, orders, targets, beta: float, active=None):
             j = order[k]
             ck = c @ gram
             norm_i = jnp.sqrt(jnp.maximum(ck @ c, 0.0))
-            rho = jnp.clip(ck[j] / (norm_i * norms[j] + _EPS), -1.0, 1.0)
+            den = norm_i * norms[j]
+            rho = jnp.clip(ck[j] / jnp.where(den > 0, den, 1.0), -1.0, 1.0)
             phi = phi_row[j]
-            sin_phi = jnp.sqrt(1.0 - phi**2)
-            coef = (
-                norm_i
-                * (phi * jnp.sqrt(1.0 - rho**2) - rho * sin_phi)
-                / (norms[j] * sin_phi + _EPS)
-            )
-            visit = mask[i] & mask[j]
+            sin_phi = jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0))
+            den = norms[j] * sin_phi
+            coef = norm_i * (phi * jnp.sqrt(1.0 - rho**2) - rho * sin_phi)
+            coef = jnp.where(den > 0, coef / jnp.where(den > 0, den, 1.0), 0.0)
+            # a zero g'_i or g_j has no direction to correct: the pair is skipped
+            visit = mask[i] & mask[j] & (norm_i > 0) & (norms[j] > 0)
             c = c.at[j].add(jnp.where(visit & (rho < phi), coef, 0.0))
             phi_row = phi_row.at[j].set(jnp.where(visit, (1.0 - beta) * phi + beta * rho, phi))
             return c, phi_row
@@ -261,6 +275,9 @@ def _mgda(num_tasks, task_ids, normalize: str = "none", iters: int = 250):
       lambda = argmin_{lambda in simplex} ||sum_t lambda_t g_t / n_t||^2   (sum lambda = 1),
     and the returned weights are w_t = lambda_t / n_t, so that w^T G is exactly that min-norm
     point (for "none", w = lambda sums to 1). Applied to representation gradients this is MGDA-UB.
+    A task whose normaliser is 0: a zero gradient (l2, loss+) is the zero vector of the hull
+    (the min-norm point is then 0, w = 0), a zero loss (loss, loss+) leaves the task out of
+    the hull (w_t = 0). K / (n n^T) is formed by two divisions, so no n_i n_j underflows.
     The original code instead applies lambda to the un-normalised losses; we keep the update
     consistent with the hull the solver minimised over.
     """
@@ -279,9 +296,17 @@ def _mgda(num_tasks, task_ids, normalize: str = "none", iters: int = 250):
             "loss": losses,
             "loss+": losses * grad_norms,
         }[normalize]
-        n = jnp.maximum(n, _TINY)
-        lam = min_norm_weights(gram / jnp.outer(n, n), iters, mask)
-        return lax.stop_gradient(jnp.where(mask, lam / n, 0.0)), state
+        # A normaliser of 0 (or not finite): a zero gradient normalises to the zero vector,
+        # which then lies in the hull (the min-norm point is 0: no update); a zero loss puts
+        # g_t / 0 infinitely far, which the min-norm point never uses: the task is left out.
+        ok = (n > 0) & jnp.isfinite(n)
+        zero_vector = ~ok & (grad_norms == 0) & (normalize in ("l2", "loss+"))
+        use = mask & (ok | zero_vector)
+        safe = jnp.where(ok, n, 1.0)
+        scaled = gram / safe[:, None] / safe[None, :]  # two divisions: no n_i n_j underflow
+        scaled = jnp.where(zero_vector[:, None] | zero_vector[None, :], 0.0, scaled)
+        lam = min_norm_weights(scaled, iters, use)
+        return lax.stop_gradient(jnp.where(use & ok, lam / safe, 0.0)), state
 
     return GradientMethod(_no_state, weights)
 
@@ -365,8 +390,8 @@ def _cagrad(
         k_mean = gram @ mean_w  # K_t. g0 for every task
         radius = c * jnp.sqrt(jnp.maximum(mean_w @ k_mean, 0.0))
 
-        def norm_sq(x):
-            return x @ gram @ x + _EPS
+        def norm_sq(x):  # floored only against 0/0; K x / ||g_x|| stays bounded by ||g_t||
+            return jnp.maximum(x @ gram @ x, _TINY)
 
         def grad_fn(x):
             return k_mean + radius * (gram @ x) / jnp.sqrt(norm_sq(x))
@@ -387,7 +412,9 @@ def _cagrad(
             return jnp.where(deriv(gmax) <= 0, gmax, lo)
 
         x = _pairwise_frank_wolfe(mean_w, grad_fn, step_fn, iters, mask)
-        w = (mean_w + radius / jnp.sqrt(norm_sq(x)) * x) / divisor
+        norm = jnp.sqrt(jnp.maximum(x @ gram @ x, 0.0))  # no guard enters the coefficient
+        w = mean_w + jnp.where(norm > 0, radius / jnp.where(norm > 0, norm, 1.0), 0.0) * x
+        w = w / divisor
         return lax.stop_gradient(jnp.where(mask, w, 0.0)), state
 
     return GradientMethod(_no_state, weights)
@@ -396,16 +423,16 @@ def _cagrad(
 def _imtlg(num_tasks, task_ids):
     """IMTL-G (Liu et al., ICLR 2021, "Towards Impartial Multi-task Learning"), gradient part.
 
-    With unit gradients u_t = g_t / ||g_t||, D = [g_1 - g_t]_{t>=2}, U = [u_1 - u_t]_{t>=2}:
-      alpha = g_1 U^T (D U^T)^+,   w = [1 - sum(alpha), alpha],
-    so g = w^T G has equal projections onto every u_t and sum(w) = 1. In Gram form, with
-    S = K diag(1/||g||) and E = [1, -I]: D U^T = E S E^T and g_1 U^T = S_1 E^T. The
-    pseudo-inverse keeps degenerate (collinear) cases finite.
-
-    With inactive tasks, the tasks are permuted so that the active ones come first (task 1 is
-    the first active task) and the rows of E for inactive tasks are zeroed: D U^T is then the
-    sub-problem's matrix padded with zeros, whose pseudo-inverse (with the sub-problem's
-    cutoff, 10 (n-1) eps) is the sub-problem's one padded with zeros.
+    The update g = w^T G with sum(w) = 1 whose projections onto the unit gradients
+    u_t = g_t / ||g_t|| are all equal. (The paper writes it as alpha = g_1 U^T (D U^T)^-1 with
+    D = [g_1 - g_t], U = [u_1 - u_t]; the solution is the same.) Solved on the cosine matrix
+    C (`_cosine`), which is free of the gradients' scales: with g = sum_s v_s u_s the
+    projections are C v, so v = c C^+ 1 and w_s = v_s / ||g_s||, c = 1 / sum_s (C^+ 1)_s /
+    ||g_s|| (sum(w) = 1); c is then the common projection. Gradients 10^4 apart, 1e-20 or 1e20
+    in size give the same projections to float32 precision (forming D U^T does not: its
+    entries mix the scales). The pseudo-inverse (cutoff 10 n eps, n the tasks used) keeps
+    collinear cases finite. Inactive tasks and tasks with a zero gradient get w_t = 0 (the
+    sub-problem's solution).
     """
     del task_ids
     num = num_tasks
@@ -413,19 +440,14 @@ def _imtlg(num_tasks, task_ids):
 
     def weights(gram, losses, state, *, step, rng, active=None):
         mask = active_mask(active, num)
-        gram, _ = _unit_scale(gram, mask)
-        perm = jnp.argsort(~mask, stable=True)  # active tasks first, in their order
-        gram, mask_p = gram[perm][:, perm], mask[perm]
-        s = gram / jnp.sqrt(jnp.maximum(jnp.diag(gram), _TINY))[None, :]
-        e = jnp.concatenate([jnp.ones((num - 1, 1), jnp.float32), -jnp.eye(num - 1)], axis=1)
-        e = jnp.where(mask_p[1:, None], e, 0.0)
-        num_active = jnp.sum(mask.astype(jnp.float32))
-        rtol = 10.0 * jnp.maximum(num_active - 1.0, 1.0) * eps  # pinv's default for n - 1 rows
-        alpha = (s[0] @ e.T) @ jnp.linalg.pinv(e @ s @ e.T, rtol=rtol)
-        alpha = jnp.where(mask_p[1:], alpha, 0.0)
-        w_p = jnp.concatenate([1.0 - alpha.sum(keepdims=True), alpha])
-        w = jnp.zeros((num,), jnp.float32).at[perm].set(w_p)
-        return lax.stop_gradient(jnp.where(mask, w, 0.0)), state
+        cos, norms, use = _cosine(gram, mask)
+        n = jnp.sum(use.astype(jnp.float32))
+        y = jnp.linalg.pinv(cos, rtol=10.0 * jnp.maximum(n, 1.0) * eps) @ use.astype(jnp.float32)
+        safe = jnp.where(use, norms, 1.0)
+        per_norm = jnp.where(use, y / safe, 0.0)
+        total = jnp.sum(per_norm)
+        w = jnp.where(total != 0, per_norm / jnp.where(total != 0, total, 1.0), 0.0)
+        return lax.stop_gradient(jnp.where(use, w, 0.0)), state
 
     return GradientMethod(_no_state, weights)
 
@@ -435,9 +457,13 @@ def _gradnorm(num_tasks, task_ids, alpha: float = 1.5, lr: float = 0.025, min_we
 
     Task weights w (state, start at 1). With G_t = ||w_t g_t|| = w_t sqrt(K_tt), its mean G_bar,
     the inverse training rates r_t = L~_t / mean(L~), L~_t = L_t / L_t(0) (L(0) = the losses of
-    the first call, kept in state), the GradNorm loss is
-      L_grad = sum_t |G_t - sg(G_bar r_t^alpha)|.
-    Each call returns the current w (the weights for this step's update) and stores
+    the first call, kept in state), the GradNorm loss, divided by sg(G_bar) so that its
+    gradient has no units, is
+      L_grad = sum_t |G_t - sg(G_bar r_t^alpha)| / sg(G_bar),
+    dL_grad/dw_t = sign(G_t - target_t) ||g_t|| / G_bar. (The paper's loss is not divided:
+    its steps are then lr ||g_t|| in raw gradient units and thrash once lr ||g|| >> w; divided,
+    the weights follow the same trajectory at any gradient scale.) Each call returns the
+    current w (the weights for this step's update) and stores
     w <- renorm(max(w - lr dL_grad/dw, min_weight)), renorm(v) = T v / sum(v). The floor keeps
     weights positive (the paper relies on small steps instead). K should come from the last
     shared layer (as in the paper) or whatever shared gradients the caller chooses.
@@ -472,8 +498,11 @@ def _gradnorm(num_tasks, task_ids, alpha: float = 1.5, lr: float = 0.025, min_we
         w = jnp.where(mask, renorm(state["weights"]), 0.0)
         norms = jnp.sqrt(jnp.maximum(jnp.diag(_masked_gram(gram, mask)), 0.0))
         ratio = losses / jnp.maximum(initial, _TINY)
-        target = mean(w * norms) * (ratio / mean(ratio)) ** alpha
-        new_w = jnp.maximum(w - lr * jnp.sign(w * norms - target) * norms, min_weight)
+        g_bar = mean(w * norms)
+        target = g_bar * (ratio / mean(ratio)) ** alpha
+        # the step of L_grad / sg(G_bar): in units of the mean weighted norm, not of gradients
+        relative = jnp.where(g_bar > 0, norms / jnp.where(g_bar > 0, g_bar, 1.0), 0.0)
+        new_w = jnp.maximum(w - lr * jnp.sign(w * norms - target) * relative, min_weight)
         new_w = jnp.where(mask, renorm(new_w), state["weights"])
         return lax.stop_gradient(w), {
             "weights": new_w,
@@ -488,34 +517,47 @@ _NASH_NORMALIZATIONS = ("frobenius", "none")
 
 
 def nash_solve(gram, ridge: float = 1e-6, iters: int = 100, active=None):
-    """alpha > 0 with (K + ridge s I) alpha = 1 / alpha, s = mean diagonal of K.
+    """alpha > 0 with (K + ridge diag(K)) alpha = 1 / alpha.
 
-    alpha minimises the strictly convex, self-concordant f(alpha) = 1/2 alpha^T K alpha -
-    sum_t log alpha_t; we take damped Newton steps (step 1/(1+lambda) while the Newton decrement
-    lambda > 1/4, full steps after), which stay strictly inside alpha > 0. The Newton system is
-    solved in the scaled variable y = Delta / alpha, (D K D + I) y = 1 - alpha * (K alpha), whose
-    matrix has eigenvalues >= 1. The ridge makes the minimiser exist when K is singular with a
-    positive null vector (exactly opposed gradients).
+    Solved on the cosine matrix C (`_cosine`): with beta_t = alpha_t ||g_t|| the equation is
+    (C + ridge I) beta = 1 / beta, free of every task's gradient scale, so scaling task t's
+    gradient by s divides alpha_t by s exactly (the per-task scale invariance Navon et al.
+    claim; a ridge relative to the mean diagonal would break it) and 1e-20 or 1e20 gradients
+    neither underflow nor overflow. beta minimises the strictly convex, self-concordant
+    f(beta) = 1/2 beta^T (C + ridge I) beta - sum_t log beta_t; we take damped Newton steps
+    (step 1/(1+lambda) while the Newton decrement lambda > 1/4, full steps after), which stay
+    strictly inside beta > 0. The Newton system is solved in the scaled variable
+    y = Delta / beta, (B C' B + I) y = 1 - beta * (C' beta), whose matrix has eigenvalues >= 1.
+    The ridge makes the minimiser exist when C is singular with a positive null vector
+    (exactly opposed gradients).
 
-    With ``active``: the problem on the active sub-matrix (s its mean diagonal); inactive tasks
-    are decoupled (rows/columns of I), their Newton steps are zeroed, and alpha_t = 0 for them.
+    Inactive tasks and tasks with a zero gradient (for which no alpha satisfies the equation)
+    are decoupled (rows/columns of I), their Newton steps are zeroed, and alpha_t = 0.
     """
     num = gram.shape[0]
     mask = active_mask(active, num)
-    gram, scale = _unit_scale(gram, mask)
-    gram = gram + ridge * jnp.eye(num, dtype=jnp.float32)
+    cos, norms, use = _cosine(gram, mask)
+    cos = cos + ridge * jnp.eye(num, dtype=jnp.float32)
 
-    def body(_, a):
-        scaled = a[:, None] * gram * a[None, :] + jnp.eye(num, dtype=jnp.float32)
-        y = jnp.linalg.solve(scaled, 1.0 - a * (gram @ a))
-        y = jnp.where(mask, y, 0.0)  # the decrement (step size) is the active tasks' one
+    def body(_, b):
+        scaled = b[:, None] * cos * b[None, :] + jnp.eye(num, dtype=jnp.float32)
+        y = jnp.linalg.solve(scaled, 1.0 - b * (cos @ b))
+        y = jnp.where(use, y, 0.0)  # the decrement (step size) is the used tasks' one
         # Newton decrement; the max with |y|_inf keeps the positivity guarantee under rounding.
         lam = jnp.maximum(jnp.sqrt(jnp.maximum(y @ scaled @ y, 0.0)), jnp.max(jnp.abs(y)))
         t = jnp.where(lam > 0.25, 1.0 / (1.0 + lam), 1.0)
-        return a * (1.0 + t * y)
+        return b * (1.0 + t * y)
 
-    a = lax.fori_loop(0, iters, body, 1.0 / jnp.sqrt(jnp.diag(gram)))
-    return jnp.where(mask, a / jnp.sqrt(scale), 0.0)
+    b = lax.fori_loop(0, iters, body, jnp.full((num,), 1.0 / jnp.sqrt(1.0 + ridge), jnp.float32))
+    return jnp.where(use, b / jnp.where(use, norms, 1.0), 0.0)
+
+
+def _frobenius(gram, mask):
+    """||K||_F over the active sub-matrix, as m ||K / m||_F with m = max |K_ij| (squaring the
+    entries of a 1e20-scaled K would overflow float32)."""
+    sub = jnp.where(mask[:, None] & mask[None, :], gram.astype(jnp.float32), 0.0)
+    m = jnp.max(jnp.abs(sub))
+    return jnp.where(m > 0, m * jnp.linalg.norm(sub / jnp.where(m > 0, m, 1.0)), 0.0)
 
 
 def _nashmtl(
@@ -524,12 +566,16 @@ def _nashmtl(
     """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution.
 
     Returns alpha > 0 solving K' alpha = 1 / alpha (each task's directional derivative along
-    g = alpha^T G is the inverse of its weight), K' = K / ||K||_F for normalize="frobenius" (as
-    the official implementation does, so ||g||^2 = T ||K||_F scales with the gradients) or K' = K
-    for "none" (then ||g||^2 = T). Solved exactly by ``nash_solve`` (damped Newton) instead of
-    the paper's sequence of convex (CCP) approximations warm-started across steps. The official
-    code also clips the shared-parameter gradient norm to 1: do that in the optimiser
-    (optax.clip_by_global_norm). With inactive tasks, ||K||_F is the active sub-matrix's.
+    g = alpha^T G is the inverse of its weight), with K' = K / ||K||_F for
+    normalize="frobenius" (so that alpha does not depend on the gradients' overall scale) or
+    K' = K for "none" (then ||g||^2 = T). Solved exactly by ``nash_solve`` (damped Newton on the
+    cosine matrix, a ridge relative to each task's own squared norm) instead of the paper's
+    sequence of convex (CCP) approximations warm-started across steps; since
+    K' = K / f gives alpha' = sqrt(f) alpha, the Frobenius norm only rescales the solution of
+    K, computed without squaring K's entries. (The official implementation normalises the Gram
+    matrix by its norm too and clips the shared-parameter gradient norm to 1: do the latter in
+    the optimiser, optax.clip_by_global_norm.) With inactive tasks, ||K||_F is the active
+    sub-matrix's. An all-zero K gives alpha = 0.
     """
     del task_ids
     if normalize not in _NASH_NORMALIZATIONS:
@@ -539,11 +585,10 @@ def _nashmtl(
 
     def weights(gram, losses, state, *, step, rng, active=None):
         mask = active_mask(active, num_tasks)
-        gram = _masked_gram(gram, mask)
+        alpha = nash_solve(gram, ridge, iters, mask)
         if normalize == "frobenius":
-            sub = jnp.where(mask[:, None] & mask[None, :], gram, 0.0)
-            gram = gram / jnp.maximum(jnp.linalg.norm(sub), _TINY)
-        return lax.stop_gradient(nash_solve(gram, ridge, iters, mask)), state
+            alpha = alpha * jnp.sqrt(_frobenius(gram, mask))
+        return lax.stop_gradient(alpha), state
 
     return GradientMethod(_no_state, weights)
 

@@ -146,7 +146,8 @@ def _dwa(num_tasks, task_ids, steps_per_epoch: int, temp: float = 2.0):
     With Lbar_t(k) the average training loss of task t over epoch k (epoch = step //
     steps_per_epoch),
       r_t = Lbar_t(k-1) / Lbar_t(k-2),   w = T softmax(r / temp),   total = sum_t sg(w_t) L_t,
-    and w = 1 for the first two epochs. The state accumulates the running sums of the current
+    and w = 1 for the first two epochs. A ratio 0 / 0 (a task whose loss is exactly 0) counts as
+    1, x / 0 as the largest float32. The state accumulates the running sums of the current
     epoch; when ``step`` enters a new epoch, the finished epoch's average is pushed into a
     two-epoch history (older, newer).
 
@@ -186,11 +187,18 @@ def _dwa(num_tasks, task_ids, steps_per_epoch: int, temp: float = 2.0):
         )
         task_done = state["task_epochs_done"] + push.astype(jnp.int32)
         ready = task_done >= 2
-        ratio = jnp.where(ready, history[1] / history[0], 1.0)
+        older, newer = history[0], history[1]
+        # 0 / 0 (a task whose loss is exactly 0) counts as no change; x / 0 as the largest
+        # finite ratio (softmax subtracts its max, so the weights stay finite)
+        big = jnp.finfo(jnp.float32).max
+        quotient = jnp.where(
+            older > 0, newer / jnp.where(older > 0, older, 1.0), jnp.where(newer > 0, big, 1.0)
+        )
+        ratio = jnp.where(ready, quotient, 1.0)
         num_active = jnp.sum(mask.astype(jnp.float32))
         w = jnp.where(
             jnp.any(mask & ready),
-            num_active * jax.nn.softmax(ratio / temp, where=mask),
+            num_active * jax.nn.softmax(jnp.minimum(ratio / temp, big), where=mask),
             jnp.ones_like(ratio),
         )
         w = lax.stop_gradient(jnp.where(mask, w, 0.0))
