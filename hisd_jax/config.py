@@ -224,6 +224,12 @@ def _validate_data(config) -> None:
     _one_of("data.name", config.data.name, DATASETS)
     if not config.data.tasks:
         raise ConfigError("data.tasks is empty: name at least one task of the data set")
+    tasks = tuple(config.data.tasks)
+    if not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"data.tasks={tasks!r} must be task names (non-empty strings)")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        raise ConfigError(f"data.tasks={tasks!r} names {', '.join(map(repr, twice))} twice")
 
 
 def _validate_model(config) -> None:

@@ -78,6 +78,8 @@ def build_experiment(config) -> Experiment:
         dataset = data_lib.get_dataset(
             config.data.name, seed=config.data.seed, **config.data.kwargs
         )
+    except ConfigError:  # errors.DataError: the data set's contents, already one line
+        raise
     except (TypeError, ValueError) as e:  # a bad or unknown data.kwargs entry
         raise ConfigError(f"data.kwargs of data.name={config.data.name!r}: {e}") from e
     tasks = task_specs(config, dataset.tasks)

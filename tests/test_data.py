@@ -409,3 +409,42 @@ def test_threads_are_closed_and_errors_propagate():
         next(it)
     assert it.get_state()["step"] == 0
     it.close()
+
+
+def test_labels_outside_their_classes_are_one_line_errors():
+    """A -1 ("missing") label, a label equal to the class count, a float label and a NaN
+    regression target: errors.DataError naming the data set, split, task and first bad position
+    (before, -1 trained silently as class C-1 and C gave NaN losses)."""
+    from hisd_jax import data as data_lib  # noqa: PLC0415
+    from hisd_jax.data.embedded import ArraySource  # noqa: PLC0415
+    from hisd_jax.errors import DataError  # noqa: PLC0415
+
+    good = data_lib.get_dataset("multidigits", num_train=64, num_val=32, num_test=32)
+
+    def with_split(split, key, values):
+        arrays = {k: v for k, v in good.splits[split].get_batch(np.arange(32)).items()}
+        arrays[key] = values
+        splits = {**good.splits, split: ArraySource(arrays)}
+        return data_lib.Dataset(good.name, splits, good.image_shape, good.tasks)
+
+    labels = np.zeros(32, np.int32)
+    for split, key, values, message in [
+        ("train", "left", np.where(np.arange(32) == 5, -1, labels), "label -1 at position 5"),
+        ("val", "sum", np.where(np.arange(32) >= 30, 19, labels), "label 19 at position 30"),
+        ("test", "right", labels.astype(np.float32), "labels have dtype float32"),
+        ("train", "ink", np.where(np.arange(32) == 3, np.nan, 0.0), "label nan at position 3"),
+    ]:
+        with pytest.raises(DataError, match=message) as info:
+            data_lib.check_labels(with_split(split, key, values))
+        text = str(info.value)
+        assert f"data set 'multidigits', split {split!r}" in text and "\n" not in text
+    data_lib.check_labels(good)  # the real data passes
+
+
+def test_duplicate_task_names_are_config_errors():
+    from hisd_jax import config as config_lib  # noqa: PLC0415
+
+    c = config_lib.base_config()
+    c.data.name, c.data.tasks = "multidigits", ("sum", "left", "sum")
+    with pytest.raises(config_lib.ConfigError, match="data.tasks=.* names 'sum' twice"):
+        config_lib.validate(c)

@@ -92,8 +92,45 @@ DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def get_dataset(name: str, *, seed: int = 0, **kwargs) -> Dataset:
-    """Builds the dataset registered as `name`; `kwargs` go to its builder."""
+    """Builds the dataset registered as `name`; `kwargs` go to its builder. Its labels are
+    checked (`check_labels`): a bad one raises `errors.DataError`."""
     if name not in _BUILDERS:
         raise ValueError(f"data.name={name!r} is not one of {', '.join(DATASETS)}")
     module, builder = _BUILDERS[name]
-    return getattr(importlib.import_module(f"hisd_jax.data.{module}"), builder)(seed=seed, **kwargs)
+    build = getattr(importlib.import_module(f"hisd_jax.data.{module}"), builder)
+    dataset = build(seed=seed, **kwargs)
+    check_labels(dataset)
+    return dataset
+
+
+def check_labels(dataset: Dataset) -> None:
+    """Raises `errors.DataError` naming the data set, split, task and first bad position if a
+    classification label is not an integer in [0, num_classes) (a -1 "missing" marker would
+    otherwise train as class C-1, and C gives NaN far from the cause) or a regression target is
+    not finite.
+
+    Checked where a split's labels are in memory (sources with `label_array(key)`, e.g. the
+    embedded data sets' `ArraySource`); the TFDS sources read records lazily, and TFDS checks
+    their labels against the data set's `ClassLabel` feature when it prepares them.
+    """
+    from hisd_jax.errors import DataError  # noqa: PLC0415
+
+    for split, source in dataset.splits.items():
+        if not hasattr(source, "label_array"):
+            continue
+        for task in dataset.tasks.values():
+            labels = np.asarray(source.label_array(task.label_key))
+            where = f"data set {dataset.name!r}, split {split!r}, task {task.name!r}"
+            if task.kind == "classification":
+                if not np.issubdtype(labels.dtype, np.integer):
+                    raise DataError(f"{where}: labels have dtype {labels.dtype}, need integers")
+                bad = np.flatnonzero((labels < 0) | (labels >= task.num_classes))
+                allowed = f"[0, {task.num_classes})"
+            else:
+                bad = np.flatnonzero(~np.isfinite(labels))
+                allowed = "finite"
+            if bad.size:
+                raise DataError(
+                    f"{where}: label {labels[bad[0]].item()!r} at position {bad[0]} is not in "
+                    f"{allowed} ({bad.size} bad of {labels.size})"
+                )

@@ -54,6 +54,10 @@ class ArraySource:
         indices = np.asarray(indices)
         return {key: value[indices] for key, value in self._arrays.items()}
 
+    def label_array(self, key: str) -> np.ndarray:
+        """Every row's `key` (read by `data.check_labels`)."""
+        return self._arrays[key]
+
 
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
