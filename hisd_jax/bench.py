@@ -44,6 +44,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hisd_jax import cli
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax import parallel
@@ -337,6 +338,7 @@ def format_table(result: dict) -> str:
 
 def main(argv):
     del argv
+    cli.quiet_library_info()
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:

@@ -54,6 +54,11 @@ def describe_config_error(e: BaseException, argv) -> str:
         return str(innermost).splitlines()[0]
     if isinstance(e, OSError):  # the config file could not be loaded
         return "--config: " + str(e).strip().splitlines()[-1].strip()
+    if isinstance(e, SyntaxError):  # the config file does not parse
+        where = f"{e.filename}, line {e.lineno}" if e.filename else "the config file"
+        return f"--config: {where}: {type(e).__name__}: {e.msg}"
+    if isinstance(e, (NameError, ImportError, ArithmeticError, AssertionError, LookupError)):
+        return f"--config: the config file raised {type(e).__name__}: {e}".splitlines()[0]
     if isinstance(e, (AttributeError, KeyError)):  # an override of a field the config lacks
         key = str(e).strip("\"'")
         for arg in argv:
@@ -82,6 +87,12 @@ def parse_config_flags(argv):
         KeyError,
         TypeError,
         ValueError,
+        SyntaxError,  # the config file itself: a syntax or name error, a failed import, ...
+        NameError,
+        ImportError,
+        ArithmeticError,
+        AssertionError,
+        LookupError,
     ) as e:
         config_error(describe_config_error(e, argv))
 
@@ -100,9 +111,15 @@ class _LibraryInfoFilter:
 
 
 def quiet_library_info() -> None:
-    """Installs `_LibraryInfoFilter` on absl's logger (once)."""
+    """Installs `_LibraryInfoFilter` on absl's logger (once) and raises JAX's backend-probe
+    logger to WARNING."""
     from absl import logging as absl_logging  # noqa: PLC0415
 
     logger = absl_logging.get_absl_logger()
     if not any(isinstance(f, _LibraryInfoFilter) for f in logger.filters):
         logger.addFilter(_LibraryInfoFilter())
+    import logging  # noqa: PLC0415
+
+    # JAX's backend probe ("Unable to initialize backend 'tpu'...") on every CPU/GPU start:
+    # an INFO line before a config error's one line
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

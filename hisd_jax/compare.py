@@ -21,6 +21,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hisd_jax import cli
 from hisd_jax import config as config_lib
 from hisd_jax import jsonio, parallel
 
@@ -191,6 +192,7 @@ def compare(config, workdir: str, only=()) -> dict:
 
 def main(argv):
     del argv
+    cli.quiet_library_info()
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()

@@ -201,6 +201,35 @@ def _positive(field, value, allow_zero=False):
         raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _integer(field, value, minimum: int | None = None, maximum: int | None = None):
+    """An int (not bool) in [minimum, maximum]."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        low = "" if minimum is None else f" >= {minimum}"
+        high = "" if maximum is None else f" and <= {maximum}"
+        raise ConfigError(f"{field}={value!r} must be an integer{low}{high}")
+
+
+def _integers(field, values, minimum: int, allowed=None):
+    """A tuple of ints >= minimum (each in `allowed` if given)."""
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = None
+    ok = values is not None and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values
+    )
+    if ok and allowed is not None:
+        ok = all(v in allowed for v in values)
+    if not ok:
+        what = f"one of {', '.join(map(str, allowed))}" if allowed else f"integers >= {minimum}"
+        raise ConfigError(f"{field}={values if values is not None else values!r} must be {what}")
+
+
+SEED_LIMIT = 2**31 - 1  # seeds travel as int32 inside jitted code
+
+
 def num_exits(config) -> int:
     """The number of exits of the config's model (after `model.cut_at`)."""
     return models.num_exits(config.model)
@@ -222,6 +251,8 @@ def validate(config, num_devices: int | None = None) -> None:
 
 def _validate_data(config) -> None:
     _one_of("data.name", config.data.name, DATASETS)
+    _integer("seed", config.seed, 0, SEED_LIMIT)
+    _integer("data.seed", config.data.seed, 0, SEED_LIMIT)
     if not config.data.tasks:
         raise ConfigError("data.tasks is empty: name at least one task of the data set")
     tasks = tuple(config.data.tasks)
@@ -238,12 +269,14 @@ def _validate_model(config) -> None:
     _one_of("model.norm", m.norm, NORMS)
     _one_of("model.stem", m.stem, STEMS)
     _one_of("model.dtype", m.dtype, tuple(DTYPES))
-    _positive("model.width", m.width)
-    _positive("model.head_pool", m.head_pool)
-    if any(s <= 0 for s in m.stage_sizes):
-        raise ConfigError(f"model.stage_sizes={tuple(m.stage_sizes)} must all be > 0")
-    if any(s not in (1, 2) for s in m.strides):
-        raise ConfigError(f"model.strides={tuple(m.strides)} must all be 1 or 2")
+    _integer("model.width", m.width, 1)
+    _integer("model.stem_features", m.stem_features, 0)
+    _integer("model.head_pool", m.head_pool, 1)
+    _integers("model.head_hidden", m.head_hidden, 1)
+    _integers("model.stage_sizes", m.stage_sizes, 1)
+    if not tuple(m.stage_sizes):
+        raise ConfigError("model.stage_sizes=() must name at least one stage")
+    _integers("model.strides", m.strides, 1, allowed=(1, 2))
     try:
         blocks, _ = backbone_blocks(m.name, m.width, m.stage_sizes, m.strides)
     except ValueError as e:
@@ -306,7 +339,10 @@ def _validate_optimizer(config) -> None:
     _positive("optimizer.lr", opt.lr)
     _positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
     _positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
-    _positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+    _integer("optimizer.warmup_steps", opt.warmup_steps, 0)
+    momentum = opt.momentum
+    if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ConfigError(f"optimizer.momentum={momentum!r} must lie in [0, 1)")
 
 
 def _validate_train(config, devices: int) -> None:
@@ -319,8 +355,8 @@ def _validate_train(config, devices: int) -> None:
         "checkpoint_every",
         "keep_checkpoints",
     ):
-        _positive(f"train.{field}", t[field])
-    _positive("train.eval_every", t.eval_every, allow_zero=True)
+        _integer(f"train.{field}", t[field], 1)
+    _integer("train.eval_every", t.eval_every, 0)
     warmup = config.optimizer.warmup_steps
     if warmup >= t.steps:
         raise ConfigError(f"optimizer.warmup_steps={warmup} must be < train.steps={t.steps}")

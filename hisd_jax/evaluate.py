@@ -62,11 +62,23 @@ def _task(exp, task):
 
 
 def _goal(tolerance, budget):
+    """("tolerance", t) with t in [0, 1] or ("budget", b) with b in (0, 1]; ValueError (one
+    line naming the flag) otherwise."""
     if tolerance is not None and budget is not None:
         raise ValueError("give either tolerance or budget, not both")
     if budget is not None:
-        return "budget", float(budget)
-    return ("tolerance", float(tolerance)) if tolerance is not None else GOAL_DEFAULT
+        budget = float(budget)
+        if not (math.isfinite(budget) and 0 < budget <= 1):
+            raise ValueError(
+                f"--budget={budget!r} must be a fraction of the full model's FLOPs in (0, 1]"
+            )
+        return "budget", budget
+    if tolerance is None:
+        return GOAL_DEFAULT
+    tolerance = float(tolerance)
+    if not (math.isfinite(tolerance) and 0 <= tolerance <= 1):
+        raise ValueError(f"--tolerance={tolerance!r} must be an accuracy drop in [0, 1]")
+    return "tolerance", tolerance
 
 
 def _jsonable(x):
@@ -471,6 +483,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+    cli.quiet_library_info()
     if len(argv) > 1:
         cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     try:

@@ -94,9 +94,12 @@ def build_experiment(config) -> Experiment:
         len(dataset.splits["train"]), config.train.batch_size
     )
     strategy = build_strategy(config, tasks, steps_per_epoch)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *dataset.image_shape)))
-    )
+    try:  # traces the model on the data's input shape: shape errors are config errors
+        abstract = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, *dataset.image_shape)))
+        )
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
     exp = Experiment(
         config,
         dataset,

@@ -281,6 +281,7 @@ def _check_outputs(values: dict) -> bool:
 
 
 def main(argv):
+    cli.quiet_library_info()
     if len(argv) > 1:
         cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     try:

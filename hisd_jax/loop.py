@@ -81,11 +81,34 @@ def check_workdir_config(workdir: str, config) -> None:
         )
 
 
+def check_workdir_path(workdir: str) -> None:
+    """Raises ConfigError (one line) for a workdir that cannot be one: empty, an existing file,
+    under a file, or in a directory we cannot write. Local paths only (a URL such as gs://...
+    is left to the storage layer). Creates nothing."""
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ConfigError(f"--workdir={workdir!r} is empty: name a directory")
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir={workdir!r} is a file, not a directory")
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"--workdir={workdir!r} lies under {ancestor!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir!r}: {ancestor!r} is not writable")
+
+
 def prepare_workdir(workdir: str, config) -> None:
     """Checks a resumed workdir's config, creates the workdir, writes config.json once
     (process 0, atomically)."""
     check_workdir_config(workdir, config)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # e.g. a read-only or special file system
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from e
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):  # a resume compares against it: written once
         jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))

@@ -141,6 +141,7 @@ FIGURES = {"kd": kd_curves, "alphavil": alphavil_weights}
 
 
 def main(argv):
+    cli.quiet_library_info()
     if len(argv) > 1:
         cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     workdirs = [w for w in flags.FLAGS.workdirs.split(",") if w]

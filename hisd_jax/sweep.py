@@ -441,6 +441,7 @@ def sweep(
 
 def main(argv):
     del argv
+    cli.quiet_library_info()
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     if FLAGS.compilation_cache:

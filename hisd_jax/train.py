@@ -41,11 +41,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (resuming from the workdir's latest checkpoint), evaluates, returns results.
 
     Raises:
-      ConfigError: an invalid config, or a workdir holding a run of another config (nothing
-        is written then).
+      ConfigError: an invalid config, a path that cannot be a workdir, or a workdir holding a
+        run of another config (nothing is written then).
       FloatingPointError: a non-finite loss, gradient or parameter (the last good checkpoint
         is kept).
     """
+    loop_lib.check_workdir_path(workdir)
     exp = build_experiment(config)
     loop_lib.prepare_workdir(workdir, config)
     logging.info("Config (valid):\n%s", config)

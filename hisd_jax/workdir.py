@@ -13,6 +13,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 
 from hisd_jax import config as config_lib
@@ -32,7 +33,8 @@ def load_workdir(workdir: str):
     """(Experiment, variables {'params', 'batch_stats'}) of a workdir's latest checkpoint.
 
     Only what inference needs is taken from the checkpoint (not the optimizer or MTL
-    strategy state); its structure is checked against the model of config.json.
+    strategy state); its structure is checked against the model of config.json. An unfinished
+    run (no results.json) is used with a warning naming its step.
     """
     config = load_config(workdir)  # first: a missing workdir fails before heavy imports
     import orbax.checkpoint as ocp  # noqa: PLC0415
@@ -48,6 +50,13 @@ def load_workdir(workdir: str):
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
         saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+        logging.warning(
+            "%s is unfinished (no results.json): using its latest checkpoint, step %d of %d",
+            workdir,
+            step,
+            config.train.steps,
+        )
     variables = {}
     for key in ("params", "batch_stats"):
         got = saved.state.get(key) or {}

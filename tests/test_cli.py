@@ -40,6 +40,10 @@ BAD = [
     ("export", ["--workdir", "x", "--exit", "exit1"], "--exit needs --out"),
     ("export", ["--workdir", "x", "--report", "--batch_size", "abc"], "flag --batch_size=abc"),
     ("export", ["--workdir", "none", "--report"], "none/config.json"),
+    ("evaluate", ["--workdir", "x", "--budget", "0"], "--budget=0.0 must be a fraction"),
+    ("evaluate", ["--workdir", "x", "--budget", "1.5"], "in (0, 1]"),
+    ("evaluate", ["--workdir", "x", "--tolerance", "-1"], "--tolerance=-1.0 must be"),
+    ("evaluate", ["--workdir", "x", "--tolerance", "nan"], "--tolerance=nan must be"),
 ]
 
 
@@ -65,3 +69,20 @@ def test_importing_the_commands_defines_no_flags():
     )
     proc = run_python(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("where", ["empty", "file", "under-file"])
+def test_a_path_that_cannot_be_a_workdir_is_one_line(where, tmp_path):
+    """An empty --workdir, an existing file, a path under a file: one line, exit code 2,
+    before the data or model is built (tracebacks before)."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    workdir = {"empty": "", "file": str(afile), "under-file": str(afile / "sub")}[where]
+    proc = run_python(
+        ["-m", "hisd_jax.main", "--config=configs/hisd_multidigits.py", f"--workdir={workdir}"],
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith("config error: --workdir="), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert afile.read_text() == "not a directory"

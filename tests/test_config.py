@@ -13,8 +13,8 @@ from hisd_jax.config import ConfigError, parse_arg, validate
 
 
 def set_field(config, dotted, value):
-    section, field = dotted.split(".")
-    config[section][field] = value
+    *section, field = dotted.split(".")
+    (config[section[0]] if section else config)[field] = value
     return config
 
 
@@ -89,6 +89,19 @@ BAD_FIELD_CASES = [
     ("objective.ce", (1.0, 1.0), "objective.ce"),  # 3 exits need 3 weights
     ("objective.ce", (1.0, 1.0, 1.0, 1.0), "objective.ce"),
     ("objective.ce", (1.0, -1.0, 1.0), "objective.ce"),
+    # #14 kind 3: each of these trained, hung or died with a traceback
+    ("optimizer.momentum", -1.0, "optimizer.momentum=-1.0 must lie in [0, 1)"),
+    ("optimizer.momentum", float("nan"), "optimizer.momentum=nan"),
+    ("optimizer.momentum", 1.0, "optimizer.momentum=1.0"),
+    ("model.head_hidden", (0,), "model.head_hidden=(0,) must be integers >= 1"),
+    ("model.stem_features", -3, "model.stem_features=-3 must be an integer >= 0"),
+    ("model.stage_sizes", ("a", "b"), "model.stage_sizes=('a', 'b') must be integers >= 1"),
+    ("model.stage_sizes", (), "model.stage_sizes=() must name at least one stage"),
+    ("seed", 2**31, "seed=2147483648 must be an integer >= 0 and <= 2147483647"),
+    ("seed", -1, "seed=-1"),
+    ("data.seed", -1, "data.seed=-1 must be an integer >= 0"),
+    ("data.tasks", ("sum", "sum"), "names 'sum' twice"),
+    ("train.eval_every", True, "train.eval_every=True must be an integer"),
 ]
 
 
@@ -226,6 +239,14 @@ CLI_CASES = {
     "bad-variant": ([f"--config={CONFIG}:bogus=1"], ("'bogus=1'", "preset, seed, steps")),
     # a config file that does not exist (ml_collections defers this error to first use)
     "missing-file": (["--config=configs/does_not_exist.py"], ("--config", "does_not_exist.py")),
+    # a config file with a syntax or a name error: one line naming the file
+    "syntax-error": (["--config={tmp}/bad_syntax.py"], ("bad_syntax.py, line 1", "SyntaxError")),
+    "name-error": (["--config={tmp}/bad_name.py"], ("raised NameError", "undefined_name")),
+    # a head pool larger than the feature map it pools (hung in compilation for minutes)
+    "head-pool": (
+        [f"--config={CONFIG}", "--config.model.head_pool=50"],
+        ("model.head_pool=50", "12x12"),
+    ),
     # a variant value a config file checks itself
     "bad-variant-value": (
         ["--config=configs/kd_multidigits.py:noise=-1"],
@@ -252,9 +273,12 @@ def test_bad_data_kwargs_are_config_errors():
 def cli_runs(tmp_path_factory):
     """Runs the failing CLI invocations in parallel (each imports JAX)."""
     root = tmp_path_factory.mktemp("cli")
+    (root / "bad_syntax.py").write_text("def get_config(:\n    pass\n")
+    (root / "bad_name.py").write_text("def get_config():\n    return undefined_name\n")
     procs = {}
     for name, (args, _) in CLI_CASES.items():
         workdir = root / name
+        args = [a.replace("{tmp}", str(root)) for a in args]
         cmd = [sys.executable, "-m", "hisd_jax.main", *args, f"--workdir={workdir}"]
         procs[name] = (
             subprocess.Popen(
@@ -276,6 +300,7 @@ def test_cli_config_errors_exit_2_without_touching_workdir(cli_runs, case):
     assert code == 2, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1, err[-2000:]
+    assert err.strip() == lines[0], err[-2000:]  # nothing else: no INFO lines, no config dump
     for word in words:
         assert word in lines[0], (word, lines[0])
     # The message is the whole error: no traceback follows it.

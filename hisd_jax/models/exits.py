@@ -63,6 +63,11 @@ class ExitHead(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, project: bool = False):
+        if self.pool_size > min(x.shape[1], x.shape[2]):  # repeated bins, size**2 slices
+            raise ValueError(
+                f"model.head_pool={self.pool_size} is larger than the {x.shape[1]}x{x.shape[2]} "
+                f"feature map an exit pools; use at most {min(x.shape[1], x.shape[2])}"
+            )
         pooled = adaptive_avg_pool(x, self.pool_size).reshape(x.shape[0], -1)
         h = pooled
         for i, width in enumerate(self.hidden):
