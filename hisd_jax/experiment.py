@@ -127,7 +127,13 @@ def build_experiment(config) -> Experiment:
 
 
 def build_strategy(config, tasks, steps_per_epoch: int) -> strategy_lib.Strategy:
-    """The MTL strategy of `config.mtl` (EW for a single task reduces to the plain loss)."""
+    """The MTL strategy of `config.mtl` (EW for a single task reduces to the plain loss).
+
+    gcosine's target is `mtl.hparams.target` if given, else `program.target` (the target the
+    target-focused programs use), else the first task."""
+    hparams = config.mtl.hparams.to_dict()
+    if config.mtl.method == "gcosine" and "target" not in hparams and config.program.target:
+        hparams["target"] = config.program.target
     try:
         return strategy_lib.build_strategy(
             config.mtl.method,
@@ -135,7 +141,7 @@ def build_strategy(config, tasks, steps_per_epoch: int) -> strategy_lib.Strategy
             space=config.mtl.space,
             backward=config.mtl.backward,
             steps_per_epoch=steps_per_epoch,
-            **config.mtl.hparams.to_dict(),
+            **hparams,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"mtl: {e}") from e

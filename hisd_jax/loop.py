@@ -101,17 +101,70 @@ def check_workdir_path(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r}: {ancestor!r} is not writable")
 
 
-def prepare_workdir(workdir: str, config) -> None:
-    """Checks a resumed workdir's config, creates the workdir, writes config.json once
-    (process 0, atomically)."""
+class WorkdirLock:
+    """An exclusive lock on a local workdir for one run (`fcntl.flock` on `<workdir>/.lock`).
+
+    Taken by process 0 of a job (the job's other processes share its workdir); a second run
+    started on the same workdir raises `WorkdirError` naming the holder (pid and host, written
+    into the file). The OS drops the lock when its process exits, however it exits, so a
+    crashed run leaves no stale lock. URLs (gs://...) and file systems without flock are not
+    locked.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._file = None
+
+    def __enter__(self):
+        if self._file is not None or "://" in self.path or jax.process_index() != 0:
+            return self  # held already (prepare_workdir enters it), or not ours to take
+        import fcntl  # noqa: PLC0415
+        import socket  # noqa: PLC0415
+
+        f = open(self.path, "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise WorkdirError(
+                f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it "
+                "to end or use another --workdir"
+            ) from None
+        except OSError:  # no flock on this file system: run unlocked
+            f.close()
+            return self
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *_):
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+def prepare_workdir(workdir: str, config) -> WorkdirLock:
+    """Checks a resumed workdir's config, creates the workdir, locks it (`WorkdirLock`, which
+    the caller enters and holds for the run) and writes config.json once (atomically)."""
     check_workdir_config(workdir, config)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:  # e.g. a read-only or special file system
         raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from e
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):  # a resume compares against it: written once
-        jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
+    lock = WorkdirLock(workdir).__enter__()
+    try:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):  # a resume compares against it: written once
+            jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
+    except BaseException:
+        lock.__exit__()
+        raise
+    return lock
 
 
 def crossed(before: int, after: int, every: int) -> bool:

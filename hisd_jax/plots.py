@@ -102,8 +102,29 @@ def kd_curves(workdirs: list[str], out: str) -> None:
     plt.close(fig)
 
 
+def alphavil_histories(workdir: str) -> dict:
+    """{"weight": {task: [w after epoch 1, 2, ...]}, "alpha": {task: [α fitted in epoch 1,
+    2, ...]}} of an αVIL run: from results.json (the program state's histories) when the run
+    has finished, else from metrics.jsonl, whose epoch-e point holds the values in use during
+    epoch e, i.e. after epoch e - 1 (the last epoch's update is then not yet known)."""
+    path = os.path.join(workdir, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            av = json.load(f).get("alphavil") or {}
+        if av.get("weight_history"):
+            return {"weight": av["weight_history"], "alpha": av["alpha_history"]}
+    events = [e for e in _events(workdir) if e["split"] == "train" and "loss" in e]
+    out = {}
+    for kind in ("weight", "alpha"):
+        keys = sorted(k for k in (events[0] if events else {}) if k.startswith(f"alphavil/{kind}/"))
+        out[kind] = {k.split("/")[-1]: [e[k] for e in events[1:]] for k in keys}
+    return out
+
+
 def alphavil_weights(workdirs: list[str], out: str) -> None:
-    """The αVIL figure of the module docstring, written to `out` (PNG)."""
+    """The αVIL figure of the module docstring, written to `out` (PNG): per run, the task
+    weights w from their start (1 at epoch 0) to after the last epoch, and the α fitted in
+    each epoch (`alphavil_histories`)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -113,23 +134,17 @@ def alphavil_weights(workdirs: list[str], out: str) -> None:
         len(workdirs), 2, figsize=(9, 3.0 * len(workdirs)), squeeze=False, sharex="row"
     )
     for row, w in zip(axes, workdirs):
-        events = [e for e in _events(w) if e["split"] == "train" and "loss" in e]
-        per_unit = load_config(w).train.log_every  # steps per logged point
+        histories = alphavil_histories(w)
         for ax, kind in zip(row, ("weight", "alpha")):
-            keys = sorted(
-                k for k in (events[0] if events else {}) if k.startswith(f"alphavil/{kind}/")
-            )
-            for k in keys:
-                ax.plot(
-                    [e["step"] / per_unit for e in events],
-                    [e[k] for e in events],
-                    label=k.split("/")[-1],
-                    lw=1.2,
-                )
-            ax.set_title(
-                f"{_label(w)}: {'task weight w' if kind == 'weight' else 'fitted α'}", fontsize=9
-            )
-            ax.set_xlabel("logged interval (epochs with the αVIL configs)")
+            for task, values in sorted(histories[kind].items()):
+                if kind == "weight":  # from the start, w = 1 before the first update
+                    xs, ys = range(len(values) + 1), [1.0, *values]
+                else:
+                    xs, ys = range(1, len(values) + 1), values
+                ax.plot(list(xs), ys, label=task, lw=1.2)
+            title = "task weight w after each epoch" if kind == "weight" else "α fitted each epoch"
+            ax.set_title(f"{_label(w)}: {title}", fontsize=9)
+            ax.set_xlabel("αVIL epoch")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.tight_layout()

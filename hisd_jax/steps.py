@@ -280,13 +280,14 @@ def global_batches(exp: Experiment, split: str, batch_size: int | None = None, k
 def evaluate(exp: Experiment, state: TrainState, split: str, eval_step=None) -> dict:
     """{task: {exit: metrics}} on a whole split; each example counts once."""
     eval_step = eval_step or make_eval_step(exp)
-    totals = None
-    for batch in global_batches(exp, split):
-        sums = eval_step(state.params, state.batch_stats, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    # Summed on the host: every batch's sums are replicated (each process holds them), and an
+    # eager jnp.add of global arrays is one more multi-process computation per batch, which
+    # deadlocked gloo jobs under load (the stacks of both processes stopped in it).
+    per_batch = [eval_step(state.params, state.batch_stats, b) for b in global_batches(exp, split)]
+    totals = jax.tree.map(lambda *xs: np.sum(np.stack(xs), axis=0), *jax.device_get(per_batch))
     return {
         task: {name: finalize_sums(s) for name, s in per_exit.items()}
-        for task, per_exit in jax.device_get(totals).items()
+        for task, per_exit in totals.items()
     }
 
 

@@ -45,12 +45,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run of another config (nothing is written then).
       FloatingPointError: a non-finite loss, gradient or parameter (the last good checkpoint
         is kept).
+      WorkdirError: the workdir is in use by another run, or none of its checkpoints restores.
     """
     loop_lib.check_workdir_path(workdir)
     exp = build_experiment(config)
-    loop_lib.prepare_workdir(workdir, config)
-    logging.info("Config (valid):\n%s", config)
-    with loop_lib.Loop(exp, workdir) as loop:
+    with loop_lib.prepare_workdir(workdir, config), loop_lib.Loop(exp, workdir) as loop:
+        logging.info("Config (valid):\n%s", config)
         state = loop.restore_or_init()
         state, info = loop.run(state)
         results = {
@@ -71,5 +71,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
         }
         for split in ("val", "test"):  # once: the last step may have validated already
             loop.writer.write(info.end, split, loop_lib.flat_metrics(results[split]), once=True)
-    jsonio.write_json(os.path.join(workdir, "results.json"), results)
+        jsonio.write_json(os.path.join(workdir, "results.json"), results)
     return results

@@ -302,6 +302,10 @@ def test_bad_program_fields_are_config_errors():
     from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
     from hisd_jax.config import ConfigError  # noqa: PLC0415
 
+    # whole epochs only: 40 steps are 2 epochs of 16 (the last 8 would train without update)
+    exp = experiment_lib.build_experiment(program_config(train__steps=40))
+    assert exp.program.total_steps == 32 and exp.program.epochs == 2
+
     for field, value, message in [
         ("target", "up", "program.target='up' is not one of"),
         ("rho", 0.0, r"program.rho=0.0 must lie in \(0, 1\]"),
@@ -315,6 +319,7 @@ def test_bad_program_fields_are_config_errors():
             experiment_lib.build_experiment(program_config(**{f"program__{field}": value}))
     for field, value, message in [
         ("mtl__method", "mgda", "mtl.method='mgda': program.name='alphavil' weighs the tasks"),
+        ("train__steps", 10, "train.steps=10 is less than one αVIL epoch \\(16 steps"),
     ]:
         with pytest.raises(ConfigError, match=message):
             experiment_lib.build_experiment(program_config(**{field: value}))
@@ -371,6 +376,14 @@ def test_weights_figure(tmp_path):
     out = tmp_path / "weights.png"
     plots.alphavil_weights([str(tmp_path)], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    # an unfinished run: the logged values are those in use, i.e. after the previous epoch
+    got = plots.alphavil_histories(str(tmp_path))
+    np.testing.assert_allclose(got["weight"]["right"], [0.8, 0.7, 0.6, 0.5])
+    # a finished run: the program state's histories in results.json, every epoch's update
+    history = {"weight_history": {"right": [0.9, 0.8]}, "alpha_history": {"right": [0.9, 0.9]}}
+    (tmp_path / "results.json").write_text(json.dumps({"alphavil": history}))
+    got = plots.alphavil_histories(str(tmp_path))
+    assert got == {"weight": {"right": [0.9, 0.8]}, "alpha": {"right": [0.9, 0.9]}}
 
 
 def test_epoch_time_benchmark():

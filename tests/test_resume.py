@@ -154,3 +154,34 @@ def test_resume_after_sigterm_is_bitwise_exact(tmp_path, env, reference):
     run(workdir, RARE, env)
     assert results(workdir)["train"]["resumed_from"] == saved[-1]
     assert_states_equal(workdir / "final_state.npz", reference())
+
+
+def test_two_runs_racing_for_one_workdir_exactly_one_trains(pytestconfig, tmp_path_factory):
+    """The same command started twice at once on one workdir: one run trains to the end, the
+    other stops at once with one line naming the holder (exit 1) and writes nothing; then a
+    rerun, the lock released, finds the run finished."""
+    env = cache_env(pytestconfig, tmp_path_factory)
+    workdir = tmp_path_factory.mktemp("race") / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hisd_jax.main",
+        "--config=tests/_workers.py:train__steps=60,train__checkpoint_every=20",
+        f"--workdir={workdir}",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[1] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], outs
+    loser = outs[[p.returncode for p in procs].index(1)]
+    lines = [line for line in loser.strip().splitlines() if line.startswith("workdir error:")]
+    assert len(lines) == 1 and "is in use by another run (pid " in lines[0], loser
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["train"]["steps_taken"] == 60 and results["train"]["resumed_from"] == 0
+    again = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]

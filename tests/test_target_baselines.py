@@ -72,3 +72,32 @@ def test_diw_trains_with_weights_near_one_on_embedded_data(tmp_path):
     assert results["diw"]["target"] == "left"
     # Training and validation images are drawn alike: the density ratio stays near 1.
     assert 0.5 < stats["mean"] < 2.0 and stats["min"] > 0
+
+
+def test_gcosine_takes_the_programs_target_unless_its_own_is_given():
+    from conftest import override, tiny_config  # noqa: PLC0415
+
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+
+    def config(**overrides):
+        c = tiny_config()
+        c.data.name, c.data.tasks = "multidigits", ("left", "right", "sum")
+        c.mtl.method = "gcosine"
+        return override(c, **overrides)
+
+    # with target right (1): left and right are orthogonal (weight 0), sum positive (weight 1)
+    c = config(program__target="right")
+    s = experiment_lib.build_experiment(c).strategy
+    g = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    w, _ = s.method.weights(
+        jnp.asarray(g @ g.T, jnp.float32), jnp.ones(3), s.method.init(3), step=0, rng=None
+    )
+    np.testing.assert_array_equal(w, [0.0, 1.0, 1.0])
+    c = config(program__target="right")
+    with c.unlocked():
+        c.mtl.hparams = {"target": "left"}
+    s = experiment_lib.build_experiment(c).strategy
+    w, _ = s.method.weights(
+        jnp.asarray(g @ g.T, jnp.float32), jnp.ones(3), s.method.init(3), step=0, rng=None
+    )
+    np.testing.assert_array_equal(w, [1.0, 0.0, 1.0])

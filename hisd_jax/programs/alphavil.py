@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
 
 from hisd_jax import data as data_lib
 from hisd_jax import optim, parallel, steps
@@ -67,18 +68,35 @@ class AlphaVILProgram(Program):
         self.inner_tx = optim.build_optimizer(_inner_optimizer(exp.config), exp.config.train.steps)
         self.alpha_tx = ALPHA_OPTIMIZERS[cfg.alpha_optimizer](cfg.alpha_lr)
         self.alpha_batch_size = cfg.alpha_batch_size or exp.config.train.batch_size
+        steps = exp.config.train.steps
+        if steps < self.steps_per_epoch:
+            raise ConfigError(
+                f"train.steps={steps} is less than one αVIL epoch ({self.steps_per_epoch} "
+                "steps of the training split): no αVIL update would run"
+            )
+        if cfg.budget == "epochs" and steps % self.steps_per_epoch:
+            logging.warning(
+                "αVIL runs whole epochs: train.steps=%d is %d epochs of %d steps; the last %d "
+                "steps are dropped",
+                steps,
+                steps // self.steps_per_epoch,
+                self.steps_per_epoch,
+                steps % self.steps_per_epoch,
+            )
         self._epoch_fn = None
         self._step = None  # the next unit's step, read from the state once (host side)
 
     @property
     def total_steps(self) -> int:
-        """`train.steps` (budget "epochs": as many epochs as a standard run of train.steps),
-        or (budget "examples") the whole epochs whose examples fit in train.steps batches:
+        """The whole epochs of `train.steps` (budget "epochs": as many epochs as a standard
+        run of train.steps; a remainder of train.steps % steps_per_epoch steps is dropped, with
+        a warning), or (budget "examples") the whole epochs whose examples fit in train.steps
+        batches:
         an epoch reads (steps_per_epoch + T x K) training batches and alpha_steps validation
         batches of alpha_batch_size rows."""
         steps = self.exp.config.train.steps
-        if self.cfg.budget == "epochs":
-            return steps
+        if self.cfg.budget == "epochs":  # whole epochs: a remainder would train without update
+            return steps // self.steps_per_epoch * self.steps_per_epoch
         batch = self.exp.config.train.batch_size
         seen = (self.steps_per_epoch + len(self.exp.tasks) * self.inner_steps) * batch
         seen += self.cfg.alpha_steps * self.alpha_batch_size
