@@ -33,7 +33,13 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "mtl.backward",  # how the per-task backward passes are batched: same gradients
+    # what a run stopped by a non-finite loss may change to go on from its last good checkpoint
+    # (the optimizer state keeps its structure; the change is an event in metrics.jsonl)
+    "optimizer.lr",
+    "optimizer.grad_clip",
+    "optimizer.momentum",
 )
+OPTIMIZER_CHANGES = ("optimizer.lr", "optimizer.grad_clip", "optimizer.momentum")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -62,9 +62,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_workdir_config(workdir: str, config) -> None:
+def check_workdir_config(workdir: str, config) -> dict:
     """Raises ConfigError if `workdir` holds a run of a different config (resumable fields and
-    fields added to the defaults since that run, at their default value, excepted)."""
+    fields added to the defaults since that run, at their default value, excepted). Returns the
+    changed optimizer fields a resume may change ({field: {"was", "now"}}, usually empty)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
@@ -73,12 +74,24 @@ def check_workdir_config(workdir: str, config) -> None:
     defaults = json.loads(config_lib.base_config().to_json_best_effort())
     stored = config_lib.fill_defaults(stored, defaults)
     current = json.loads(config.to_json_best_effort())
-    changed = [f for f in config_lib.diff(stored, current) if f not in config_lib.RESUMABLE_CHANGES]
+    differ = config_lib.diff(stored, current)
+    changed = [f for f in differ if f not in config_lib.RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
             f"workdir {workdir} holds a run with a different config (changed: {', '.join(changed)}); "
             "use a new --workdir or the same config to resume"
         )
+    return {
+        f: {"was": _get(stored, f), "now": _get(current, f)}
+        for f in differ
+        if f in config_lib.OPTIMIZER_CHANGES
+    }
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
 
 
 def check_workdir_path(workdir: str) -> None:
@@ -151,7 +164,7 @@ class WorkdirLock:
 def prepare_workdir(workdir: str, config) -> WorkdirLock:
     """Checks a resumed workdir's config, creates the workdir, locks it (`WorkdirLock`, which
     the caller enters and holds for the run) and writes config.json once (atomically)."""
-    check_workdir_config(workdir, config)
+    changes = check_workdir_config(workdir, config)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:  # e.g. a read-only or special file system
@@ -161,6 +174,8 @@ def prepare_workdir(workdir: str, config) -> WorkdirLock:
         path = os.path.join(workdir, "config.json")
         if not os.path.exists(path):  # a resume compares against it: written once
             jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
+        if changes:  # e.g. a lower lr after a non-finite stop; Loop records it as an event
+            logging.warning("Resuming with changed optimizer settings: %s", changes)
     except BaseException:
         lock.__exit__()
         raise
@@ -227,6 +242,9 @@ class Loop:
             resumed = int(state.step)
             logging.info("Resumed from step %d in %s", resumed, self.workdir)
         self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=resumed)
+        changes = check_workdir_config(self.workdir, self.exp.config)
+        if changes and resumed is not None:  # a resume with a new lr, grad_clip or momentum
+            self.writer.event(resumed, "optimizer_changed", changes)
         return state
 
     def evaluate(self, state: TrainState, split: str) -> dict:
@@ -245,11 +263,17 @@ class Loop:
         if bad >= 0:
             self.ckpt.wait()
             last = self.ckpt.latest_step()
+            kept = (
+                f"the last good checkpoint (step {last}) is kept in {self.workdir}/checkpoints; "
+                "rerun the same command"
+                if last is not None
+                else "no checkpoint was written yet; rerun the same command"
+            )
             raise FloatingPointError(
                 f"non-finite loss, gradient or parameters at step {bad + 1} (stopped at step "
-                f"{step}); the last good checkpoint (step {last}) is kept in "
-                f"{self.workdir}/checkpoints. Lower optimizer.lr, set optimizer.grad_clip, or "
-                "check the data."
+                f"{step}); {kept} with a lower --config.optimizer.lr or a "
+                "--config.optimizer.grad_clip (a resume may change them and momentum; the "
+                "change is recorded in metrics.jsonl), or check the data"
             )
 
     def _next_batches(self) -> list[dict]:

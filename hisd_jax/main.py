@@ -45,6 +45,9 @@ def main(argv):
     except WorkdirError as e:
         print(f"workdir error: {e}", file=sys.stderr)
         sys.exit(1)
+    except FloatingPointError as e:  # the non-finite guard stopped the run
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() != 0:  # every process holds the same results; one prints them
         return
     for task, per_exit in results["test"].items():

@@ -27,10 +27,9 @@ def build_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
         "momentum": lambda: optax.sgd(lr, momentum=opt_cfg.momentum),
         "nesterov": lambda: optax.sgd(lr, momentum=opt_cfg.momentum, nesterov=True),
     }
-    parts = []
-    if opt_cfg.grad_clip:
-        parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
-    if opt_cfg.weight_decay and opt_cfg.name != "adamw":
-        parts.append(optax.add_decayed_weights(opt_cfg.weight_decay))
-    parts.append(makers[opt_cfg.name]())
-    return optax.chain(*parts)
+    # Every slot is always present (identity when off), so the optimizer state has the same
+    # structure whatever grad_clip and weight_decay are: a resume may turn clipping on.
+    clip = optax.clip_by_global_norm(opt_cfg.grad_clip) if opt_cfg.grad_clip else optax.identity()
+    decay = opt_cfg.weight_decay and opt_cfg.name != "adamw"
+    decayed = optax.add_decayed_weights(opt_cfg.weight_decay) if decay else optax.identity()
+    return optax.chain(clip, decayed, makers[opt_cfg.name]())

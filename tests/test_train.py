@@ -315,15 +315,15 @@ def test_different_config_on_existing_workdir_is_refused(run):
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     with open(os.path.join(workdir, "config.json")) as f:
         stored = f.read()
-    for overrides, named in [
-        (dict(optimizer__lr=1e-2), ["optimizer.lr"]),
+    for overrides, named in [  # (optimizer.lr, grad_clip and momentum may change: see below)
+        (dict(optimizer__weight_decay=1e-2), ["optimizer.weight_decay"]),
         (dict(model__width=4, train__steps=50), ["model.width", "train.steps"]),
     ]:
         with pytest.raises(ConfigError) as info:
             train.train_and_evaluate(tiny_config(**overrides), workdir)
         message = str(info.value)
         assert "\n" not in message
-        for field in ("optimizer.lr", "model.width", "train.steps"):
+        for field in ("optimizer.weight_decay", "model.width", "train.steps"):
             assert (field in message) == (field in named), message
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
     with open(os.path.join(workdir, "config.json")) as f:
@@ -358,6 +358,39 @@ def test_non_finite_loss_stops_with_a_finite_checkpoint(tmp_path):
     train_events = [e for e in read_jsonl(workdir) if e["split"] == "train"]
     assert [e["step"] for e in train_events] == [1]
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+    # The advice can be followed in the same workdir: a resume may change the learning rate,
+    # clipping and momentum (recorded as an event); other optimizer fields stay refused.
+    assert "rerun the same command with a lower --config.optimizer.lr" in message
+    lower = tiny_config(
+        optimizer__name="sgd",
+        optimizer__lr=1e-30,
+        optimizer__grad_clip=1.0,
+        train__log_every=1,
+        train__checkpoint_every=1,
+    )
+    with pytest.raises(FloatingPointError):  # the parameters of step 1 are ~1e29 already
+        train.train_and_evaluate(lower, workdir)
+    events = [e for e in read_jsonl(workdir) if e["split"] == "event"]
+    assert events == [
+        {
+            "step": 1,
+            "split": "event",
+            "event": "optimizer_changed",
+            "details": {
+                "optimizer.grad_clip": {"was": 0.0, "now": 1.0},
+                "optimizer.lr": {"was": 1e30, "now": 1e-30},
+            },
+        }
+    ]
+    with pytest.raises(ConfigError, match=r"changed: optimizer.name"):
+        train.train_and_evaluate(tiny_config(optimizer__lr=1e-3), workdir)
+
+
+def test_non_finite_stop_before_any_checkpoint_says_so(tmp_path):
+    config = tiny_config(optimizer__name="sgd", optimizer__lr=1e30, train__log_every=1)
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
 def train_batches(exp, n):
