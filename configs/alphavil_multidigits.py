@@ -33,6 +33,7 @@ import os
 
 from hisd_jax.config import ConfigError, config_from_file, parse_arg
 from hisd_jax.mtl.tasks import method_config, single_task_config
+from hisd_jax.programs import alphavil
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("left", "right", "sum")  # and the shuffled copy of `shuffled=` (default left)
@@ -73,17 +74,11 @@ def get_config(arg=None):
     c.program.target = "left"
     c.program.rho = arg.rho
     # αVIL (program=alphavil; the other programs ignore these fields): inner runs of plain
-    # SGD, α fitted by Adam, w kept in [0, 3] (chosen on the validation loss of the α fit,
-    # `alphavil/dev_loss_before_fit`, over inner Adam 1e-3 / SGD 0.05, α SGD 0.1 / Adam 0.02 /
-    # Adam 0.05, with and without the clamp; 30-epoch runs, seed 0); α fitted on 256
-    # validation rows a step (4 steps: half the validation split an epoch).
-    c.program.inner_optimizer = "sgd"
-    c.program.inner_lr = 0.05
-    c.program.alpha_optimizer = "adam"
-    c.program.alpha_lr = 0.05
-    c.program.alpha_batch_size = 256
-    c.program.weight_clamp = (0.0, 3.0)
-    c.program.budget = arg.budget
+    # SGD, α fitted by Adam on 256 validation rows a step, w kept in [0, 3]; chosen on the
+    # validation loss of the α fit (`alphavil/dev_loss_before_fit`) over inner Adam 1e-3 /
+    # SGD 0.05, α SGD 0.1 / Adam 0.02 / Adam 0.05, with and without the clamp (30-epoch runs,
+    # seed 0).
+    alphavil.benchmark_settings(c, arg.budget)
     steps = arg.steps
     log_every = -(-arg.num_train // c.train.batch_size)  # every epoch (α, w per epoch)
     c.train.steps = steps

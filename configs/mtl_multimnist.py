@@ -24,6 +24,7 @@ cores one run takes several minutes; on one GPU about a minute.
 
 from hisd_jax.config import base_config, parse_arg
 from hisd_jax.mtl.tasks import method_config, single_task_config
+from hisd_jax.programs import alphavil
 
 TASKS = ("left", "right")
 
@@ -65,13 +66,7 @@ def get_config(arg=None):
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.program.target = "left"  # αVIL, DIW and gcosine's target
-    c.program.inner_optimizer = "sgd"  # αVIL: see configs/alphavil_multidigits.py
-    c.program.inner_lr = 0.05
-    c.program.alpha_optimizer = "adam"
-    c.program.alpha_lr = 0.05
-    c.program.alpha_batch_size = 256
-    c.program.weight_clamp = (0.0, 3.0)
-    c.program.budget = arg.budget
+    alphavil.benchmark_settings(c, arg.budget)  # αVIL: see configs/alphavil_multidigits.py
     if arg.single:
         return single_task_config(c, arg.single)
     return method_config(c, arg.method, arg.space, name=c.name, program=arg.program)

@@ -100,15 +100,6 @@ class Progress:
             self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self._bar.update(step - self._bar.n)
 
-    def event(self, step: int, name: str, details: dict) -> None:
-        """A non-scalar record in metrics.jsonl: {"step", "split": "event", "event": name,
-        "details"} (not in TensorBoard)."""
-        if not self.enabled:
-            return
-        record = {"step": int(step), "split": "event", "event": name, "details": details}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-
     def close(self) -> None:
         self._bar.close()
 

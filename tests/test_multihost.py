@@ -333,20 +333,22 @@ KD_ARG = (
 )
 
 
-def test_kd_soft_labels_and_parameters_match_single_process(pytestconfig, tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost_kd")
+def run_beside_single_process(pytestconfig, tmp_path_factory, name, arg):
+    """The 2-process job of `arg` (it must succeed) and a 1-process run beside it: their
+    workdirs (multi, single)."""
+    root = tmp_path_factory.mktemp(name)
     env = base_env(pytestconfig, tmp_path_factory)
     multi, single = root / "multi", root / "single"
     with open(f"{single}.log", "w") as out:
         reference = subprocess.Popen(
-            [sys.executable, "tests/_workers.py", "train", str(single), KD_ARG],
+            [sys.executable, "tests/_workers.py", "train", str(single), arg],
             cwd=REPO,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     try:
-        launched = launch(multi, env, KD_ARG)
+        launched = launch(multi, env, arg)
         log = finish(launched, multi)
         check_launch(pytestconfig, tmp_path_factory, launched, log, multi, expect=0)
         assert reference.wait(timeout=TIMEOUT) == 0, read(f"{single}.log")[-5000:]
@@ -354,6 +356,13 @@ def test_kd_soft_labels_and_parameters_match_single_process(pytestconfig, tmp_pa
         if reference.poll() is None:
             reference.kill()
             reference.wait()
+    return multi, single
+
+
+def test_kd_soft_labels_and_parameters_match_single_process(pytestconfig, tmp_path_factory):
+    multi, single = run_beside_single_process(
+        pytestconfig, tmp_path_factory, "multihost_kd", KD_ARG
+    )
     step, state, _ = restore_latest(get_config(KD_ARG), str(multi))
     got = flat_state(state)
     want = {k: v for k, v in load_npz(single / "final_state.npz").items() if not k.startswith("__")}
@@ -381,26 +390,9 @@ AV_ARG = (
 
 
 def test_alphavil_alpha_trajectory_matches_single_process(pytestconfig, tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost_alphavil")
-    env = base_env(pytestconfig, tmp_path_factory)
-    multi, single = root / "multi", root / "single"
-    with open(f"{single}.log", "w") as out:
-        reference = subprocess.Popen(
-            [sys.executable, "tests/_workers.py", "train", str(single), AV_ARG],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        launched = launch(multi, env, AV_ARG)
-        log = finish(launched, multi)
-        check_launch(pytestconfig, tmp_path_factory, launched, log, multi, expect=0)
-        assert reference.wait(timeout=TIMEOUT) == 0, read(f"{single}.log")[-5000:]
-    finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
+    multi, single = run_beside_single_process(
+        pytestconfig, tmp_path_factory, "multihost_alphavil", AV_ARG
+    )
 
     def trajectory(workdir):
         with open(workdir / "metrics.jsonl") as f:

@@ -299,6 +299,20 @@ class AlphaVILProgram(Program):
         }
 
 
+def benchmark_settings(config, budget: str = "epochs") -> None:
+    """Sets, in place, the αVIL settings of the project's benchmarks (configs/
+    alphavil_multidigits.py, configs/mtl_multimnist.py): inner runs of plain SGD at 0.05, α
+    by Adam at 0.05 on 256 validation rows a step, w kept in [0, 3], and `budget`. Chosen on
+    the validation loss of the α fit on MultiDigits (see that config's docstring)."""
+    config.program.inner_optimizer = "sgd"
+    config.program.inner_lr = 0.05
+    config.program.alpha_optimizer = "adam"
+    config.program.alpha_lr = 0.05
+    config.program.alpha_batch_size = 256
+    config.program.weight_clamp = (0.0, 3.0)
+    config.program.budget = budget
+
+
 def _inner_optimizer(config):
     """The `optimizer` section with `program.inner_optimizer` / `program.inner_lr` applied."""
     opt = config.optimizer.to_dict()
