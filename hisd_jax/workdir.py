@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 from absl import logging
 import numpy as np
 
 from hisd_jax import config as config_lib
-from hisd_jax import parallel
 from hisd_jax.data import eval_batches
 
 
@@ -32,40 +30,27 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_workdir(workdir: str):
     """(Experiment, variables {'params', 'batch_stats'}) of a workdir's latest checkpoint.
 
-    Only what inference needs is taken from the checkpoint (not the optimizer or MTL
-    strategy state); its structure is checked against the model of config.json. An unfinished
-    run (no results.json) is used with a warning naming its step.
+    Restored like a resume (`loop.restore_latest`): onto the current devices, replicated,
+    whatever device count or process count the run trained on, from the newest checkpoint that
+    reads cleanly (`WorkdirError` if none does, FileNotFoundError if there is none). An
+    unfinished run (no results.json) is used with a warning naming its step.
     """
     config = load_config(workdir)  # first: a missing workdir fails before heavy imports
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
     from hisd_jax import experiment  # noqa: PLC0415
+    from hisd_jax import loop as loop_lib  # noqa: PLC0415
 
     exp = experiment.build_experiment(config)
-    replicated = parallel.replicated(exp.mesh)
-    like = jax.eval_shape(lambda: experiment.init_state(exp))
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # the trainer's own restore: onto this process's devices, whatever the run trained on
+    # (Orbax reshards), the newest checkpoint that reads cleanly
+    state, data_state = loop_lib.restore_latest(exp, workdir)
     if not os.path.exists(os.path.join(workdir, "results.json")):
         logging.warning(
             "%s is unfinished (no results.json): using its latest checkpoint, step %d of %d",
             workdir,
-            step,
+            int(data_state["step"]),
             config.train.steps,
         )
-    variables = {}
-    for key in ("params", "batch_stats"):
-        got = saved.state.get(key) or {}
-        if jax.tree.structure(got) != jax.tree.structure(getattr(like, key)):
-            raise ValueError(
-                f"checkpoint {key} in {directory} do not match the model of config.json"
-            )
-        variables[key] = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), got)
-    return exp, variables
+    return exp, {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def split_arrays(exp, split: str, label_key: str):

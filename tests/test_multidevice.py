@@ -129,3 +129,33 @@ def test_eval_padding_is_masked(runs):
                 for k, v in m.items():
                     want = metrics["val_unpadded"][task][name][k]
                     assert np.isclose(v, want, rtol=RTOL, atol=ATOL), (devices, task, name, k)
+
+
+def test_a_run_trained_on_4_devices_is_evaluated_and_exported_on_1(pytestconfig, tmp_path):
+    """evaluate/export restore like a resume, onto the current devices ("Topology mismatch"
+    before): a run trained on 4 fake devices loads here on 1, with its final parameters."""
+    import jax  # noqa: PLC0415
+
+    from hisd_jax import workdir as workdir_lib  # noqa: PLC0415
+
+    env = {**os.environ, **cache_env(pytestconfig, tmp_path)}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    workdir = tmp_path / "run4"
+    arg = "train__steps=8,train__checkpoint_every=4,train__batch_size=32"
+    proc = subprocess.run(
+        [sys.executable, "tests/_workers.py", "train", str(workdir), arg],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert jax.device_count() == 1
+    exp, variables = workdir_lib.load_workdir(str(workdir))
+    want = load_npz(workdir / "final_state.npz")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+        key = ".params" + jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(leaf), want[key], err_msg=key)
+    assert exp.config.train.steps == 8
