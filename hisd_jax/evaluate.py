@@ -59,6 +59,17 @@ def _task(exp, task):
         raise ValueError(f"task {task!r} is not one of {', '.join(t.name for t in exp.tasks)}")
     if not info.task_kind.has_confidence:
         raise ValueError(f"early exit needs a classification task; {info.name!r} is {info.kind}")
+    own = [exp.exit_names[e] for e in info.exits]
+    if len(own) < 2:
+        raise ValueError(
+            f"early exit needs a task with heads on at least two exits; {info.name!r} has one "
+            f"({', '.join(own)}, model.task_exits)"
+        )
+    if len(own) != len(exp.exit_names):
+        raise ValueError(
+            f"early exit runs over every exit of the model; task {info.name!r} has heads on "
+            f"{', '.join(own)} only (model.task_exits): evaluating a subset is not supported yet"
+        )
     return info
 
 
@@ -501,7 +512,12 @@ def main(argv):
             measure_speed=FLAGS.speed,
             speed_repeats=FLAGS.speed_repeats,
         )
-    except (OSError, ValueError, config_lib.ConfigError, WorkdirError) as e:  # no workdir, unknown --task, ...
+    except (
+        OSError,
+        ValueError,
+        config_lib.ConfigError,
+        WorkdirError,
+    ) as e:  # no workdir, unknown --task, ...
         cli.fail(PROG, e)
     print(format_report(report))
     print(f"\nwrote {os.path.join(FLAGS.workdir, 'early_exit.json')} and {report['plot']}")

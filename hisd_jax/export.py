@@ -206,9 +206,10 @@ def _latency(compiled, args, repeats=20, warmup=3):
 def exit_report(
     workdir: str, batch_size: int = 256, split: str = "test", *, exp=None, variables=None
 ):
-    """Per exit: parameters, FLOPs (and fraction of the full model), accuracy on `split`,
-    latency per batch of `batch_size` (median after warm-up) and peak memory of the compiled
-    standalone model (argument + output + temporary bytes)."""
+    """Per exit where the first task has a head (`model.task_exits`; every exit by default):
+    parameters, FLOPs (and fraction of the full model), accuracy on `split`, latency per batch of
+    `batch_size` (median after warm-up) and peak memory of the compiled standalone model
+    (argument + output + temporary bytes)."""
     if exp is None or variables is None:
         exp, variables = load_workdir(workdir)
     task = exp.tasks[0]
@@ -219,6 +220,8 @@ def exit_report(
     x = cascade._pad_rows(images[:batch_size], batch_size)
     rows = []
     for e, name in enumerate(exp.exit_names):
+        if e not in task.exits:  # no head of the task here: nothing to cut a model at
+            continue
         flat = flatten(cut_variables(exp, variables, e))
         flat = {k: jnp.asarray(v) for k, v in flat.items()}
         compiled = jax.jit(standalone_fn(cut_model(exp, e), e)).lower(flat, x).compile()
@@ -236,7 +239,8 @@ def exit_report(
             "output_bytes": int(mem.output_size_in_bytes),
         }
         if task.task_kind.has_confidence:
-            row[f"{split}_accuracy"] = float(np.mean(logits[e].argmax(-1) == labels))
+            z = logits[list(task.exits).index(e)]
+            row[f"{split}_accuracy"] = float(np.mean(z.argmax(-1) == labels))
         rows.append(row)
     report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,
               "split": split, "exits": rows}  # fmt: skip
@@ -296,7 +300,12 @@ def main(argv):
         if FLAGS.report:
             report = exit_report(FLAGS.workdir, FLAGS.batch_size, exp=exp, variables=variables)
             print(format_exit_report(report))
-    except (OSError, ValueError, config_lib.ConfigError, WorkdirError) as e:  # no workdir, unknown --exit, ...
+    except (
+        OSError,
+        ValueError,
+        config_lib.ConfigError,
+        WorkdirError,
+    ) as e:  # no workdir, unknown --exit, ...
         cli.fail(PROG, e)
 
 
