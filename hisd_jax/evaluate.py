@@ -158,8 +158,8 @@ def add_predictions(data: dict, policy: str, temperatures: np.ndarray) -> None:
         z = d["logits"].astype(np.float64)
         d["preds"] = z.argmax(-1)
         d["correct"] = d["preds"] == d["labels"][None]
-        if policy != "patience":
-            d["conf"] = policies.confidence(z / temperatures[:, None, None], policy)
+        if policy != "patience":  # in the cascade's arithmetic (float32), see the function
+            d["conf"] = policies.cascade_confidence(d["logits"], policy, temperatures)
 
 
 def fit_policy(data: dict, policy: str, cost, goal: str, value: float, search: str):

@@ -279,3 +279,40 @@ def test_per_exit_temperatures_and_report():
     report = calibration_report(per_exit, labels)
     np.testing.assert_array_equal(report["temperatures"], temps)
     assert np.all(report["ece_after"] < 0.03) and np.all(report["ece_before"] > 0.05)
+
+
+def test_host_decisions_equal_the_cascades_float32_decisions_at_exact_thresholds():
+    """Exit-0 logits scaled x3000 (top-1 probabilities that are exactly 1.0 in float32 and just
+    below it in float64) and thresholds [1.0, inf, -inf]: the host's reference policy
+    (`cascade.mask_policy`, which fits and reports) and the cascade's float32 arithmetic
+    (the same `policies.confidence` under JAX in float32) exit the same examples: agreement
+    1.0 (it was 0.939 with float64 confidences)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from hisd_jax.inference import cascade, policies  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 512, 10)).astype(np.float32)
+    logits[0] *= 3000.0
+    thresholds = np.array([1.0, np.inf, -np.inf])
+    host_exit, _, _ = cascade.mask_policy(logits, "max_softmax", thresholds)
+    conf32 = policies.confidence(jnp.asarray(logits), "max_softmax")  # as `_stage` computes it
+    device_exit = policies.threshold_exit(conf32, jnp.asarray(thresholds, jnp.float32))
+    np.testing.assert_array_equal(host_exit, np.asarray(device_exit))
+    float64_exit = policies.threshold_exit(
+        policies.confidence(logits.astype(np.float64), "max_softmax"), thresholds
+    )
+    assert (float64_exit != host_exit).any()  # the case is one where float64 would disagree
+
+
+def test_float32_ceiling_keeps_every_decision():
+    from hisd_jax.inference import cascade  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0, 1, 20000).astype(np.float32)
+    thresholds = np.concatenate([rng.uniform(0, 1, 50), conf[:50].astype(np.float64), [1.0]])
+    thresholds[10] = np.nextafter(np.float64(conf[3]), 0.0)  # just below a float32 value
+    ceiled = cascade.float32_ceiling(thresholds)
+    assert ceiled.dtype == np.float32
+    for t, c in zip(thresholds, ceiled):
+        np.testing.assert_array_equal(conf >= t, conf >= c)

@@ -55,8 +55,19 @@ def _check_policy(policy):
         raise ValueError(f"Unknown policy {policy!r}; allowed: {', '.join(POLICIES)}.")
 
 
+def float32_ceiling(thresholds) -> np.ndarray:
+    """The smallest float32 >= each threshold: for a float32 confidence c and any float64
+    threshold t, c >= t exactly when c >= float32_ceiling(t), so the cascade (float32)
+    decides as the host did when it fitted t (rounding t to nearest could flip a confidence
+    that lies between t and its rounded value)."""
+    t = np.asarray(thresholds, np.float64)
+    f = t.astype(np.float32)
+    return np.where(f < t, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
+
+
 def mask_policy(logits, policy="max_softmax", thresholds=None, patience=None, temperatures=None):
-    """Reference early exit over all exits' logits ``[E, N, C]`` (host, float64 confidences).
+    """Reference early exit over all exits' logits ``[E, N, C]`` on the host, deciding in the
+    cascade's arithmetic (float32 confidences and thresholds, `policies.cascade_confidence`).
 
     Returns ``(exit_idx [N], preds [N], chosen_logits [N, C])``.
     """
@@ -65,9 +76,7 @@ def mask_policy(logits, policy="max_softmax", thresholds=None, patience=None, te
     if policy == "patience":
         exit_idx = policies.patience_exit(z.argmax(-1), int(patience))
     else:
-        if temperatures is not None:
-            z = z / np.asarray(temperatures, dtype=np.float64)[:, None, None]
-        conf = policies.confidence(z, policy)
+        conf = policies.cascade_confidence(logits, policy, temperatures)
         exit_idx = policies.threshold_exit(conf, np.asarray(thresholds, dtype=np.float64))
     preds, chosen = policies.apply_exits(np.asarray(logits), exit_idx)
     return exit_idx, preds, chosen
@@ -222,7 +231,7 @@ class Cascade:
             thresholds = np.zeros(num_exits)
         elif thresholds is None:
             raise ValueError(f"policy {self.policy!r} needs thresholds")
-        thr = np.asarray(thresholds, np.float32)
+        thr = float32_ceiling(thresholds)
         temps = np.ones(num_exits, np.float32) if temperatures is None else temperatures
         temps = np.asarray(temps, np.float32)
         return [

@@ -10,6 +10,8 @@ can be traced by ``jax.jit`` (string and integer options are static). Per-exit t
 scaling is applied before calling ``confidence``: ``logits / temperatures[:, None, None]``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,24 @@ def confidence(logits, kind="max_softmax"):
         top2 = xp.sort(p, axis=-1)[..., -2:]
         return top2[..., 1] - top2[..., 0]
     return xp.sum(p * xp.where(p > 0, logp, 0.0), axis=-1)  # p = 0 (a -inf logit) adds nothing.
+
+
+@functools.partial(jax.jit, static_argnames="kind")
+def _confidence_f32(logits, temperatures, kind):
+    return confidence(logits / temperatures[:, None, None], kind)
+
+
+def cascade_confidence(logits, kind="max_softmax", temperatures=None) -> np.ndarray:
+    """``confidence(logits / T)`` ``[E, N]`` computed as the cascade computes it: by JAX in
+    float32 (returned as float64 holding those float32 values exactly). Thresholds fitted on
+    these values decide, in the cascade, as they did when fitted: float64 confidences differ
+    where float32 rounds (e.g. a top-1 probability of exactly 1.0 for large logits), which
+    flipped decisions at such thresholds."""
+    z = jnp.asarray(np.asarray(logits), jnp.float32)
+    num = z.shape[0]
+    temps = jnp.ones(num, jnp.float32) if temperatures is None else temperatures
+    temps = jnp.asarray(np.asarray(temps), jnp.float32)
+    return np.asarray(_confidence_f32(z, temps, kind), np.float64)
 
 
 def threshold_exit(conf, thresholds):
