@@ -30,7 +30,9 @@ an interrupted one resumes from its last checkpoint. Then the sweep writes
 and prints the markdown table. A run that stops on a non-finite loss is reported as failed
 and left out of the table (rerunning retries it from its last good checkpoint).
 
-Delta_m% (Maninis et al. 2019, as LibMTL and Nash-MTL report it): for a method's seed s,
+Delta_m% (Maninis et al. 2019, as Nash-MTL reports it; `mtl.delta_m`'s "pairs" average,
+which LibMTL's per-task average equals when every task has one judging metric, the default
+here): for a method's seed s,
   Delta_m = 100 / N * sum_t sum_{m in M_t} (-1)^{l_m} (M_{t,m,s} - B_{t,m}) / B_{t,m},
 with M_t the metrics judging task t (`mtl.metrics`, default accuracy for classification and
 MAE for regression; see mtl/tasks.py), N = sum_t |M_t|, l_m = 1 if lower is better else 0,

@@ -170,3 +170,17 @@ def test_a_task_loss_of_exactly_zero(name, hparams):
     if name == "dwa":  # after two finished epochs: r = [1 (0/0), 0.5/0.667, 1.0]
         r = [1.0, (2.0 / 4) / (2.0 / 3), 1.0]
         np.testing.assert_allclose(weights, dwa_weights(r), rtol=1e-5)
+
+
+def test_delta_m_averages_over_pairs_or_over_tasks_first():
+    """Task a has two metrics, task b one. Pairs: (10 + 20 + (-30)) / 3 = 0; tasks first
+    (LibMTL): ((10 + 20) / 2 + (-30)) / 2 = -7.5 (by hand)."""
+    metrics = {"a": {"acc": 1.1, "f1": 1.2}, "b": {"mae": 1.3}}
+    base = {"a": {"acc": 1.0, "f1": 1.0}, "b": {"mae": 1.0}}
+    higher = {"a": {"acc": True, "f1": True}, "b": {"mae": False}}
+    assert delta_m(metrics, base, higher) == pytest.approx(0.0, abs=1e-9)
+    assert delta_m(metrics, base, higher, average="tasks") == pytest.approx(-7.5)
+    single = {"a": {"acc": 1.1}, "b": {"mae": 1.3}}
+    assert delta_m(single, base, higher) == pytest.approx(delta_m(single, base, higher, "tasks"))
+    with pytest.raises(ValueError, match="average='x' is not one of pairs, tasks"):
+        delta_m(metrics, base, higher, average="x")
