@@ -283,6 +283,7 @@ def _validate_model(config) -> None:
     if not tuple(m.stage_sizes):
         raise ConfigError("model.stage_sizes=() must name at least one stage")
     _integers("model.strides", m.strides, 1, allowed=(1, 2))
+    _integers("model.exits", m.exits, 0)  # types here; the ranges below name 1..n
     try:
         blocks, _ = backbone_blocks(m.name, m.width, m.stage_sizes, m.strides)
     except ValueError as e:
@@ -320,9 +321,13 @@ def _validate_objective(config) -> None:
     if o.temperature is not None:
         _positive("objective.temperature", o.temperature)
     if o.ce is not None and not config.model.task_exits:
-        if len(o.ce) != num_exits(config) or any(w < 0 for w in o.ce):
+        numbers = isinstance(o.ce, (tuple, list)) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            for w in o.ce
+        )
+        if not numbers or len(o.ce) != num_exits(config) or any(w < 0 for w in o.ce):
             raise ConfigError(
-                f"objective.ce={tuple(o.ce)} must have {num_exits(config)} weights >= 0, one per exit"
+                f"objective.ce={o.ce!r} must have {num_exits(config)} weights >= 0, one per exit"
             )
 
 

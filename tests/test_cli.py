@@ -86,3 +86,17 @@ def test_a_path_that_cannot_be_a_workdir_is_one_line(where, tmp_path):
     assert proc.stderr.strip().startswith("config error: --workdir="), proc.stderr[-3000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert afile.read_text() == "not a directory"
+
+
+def test_the_malformed_input_fuzzer_runs_and_judges():
+    """`python -m hisd_jax.tools.fuzz_configs` (all its cases: the closing notes give the
+    count); here a handful of its cases, and one that must miss the bar: a valid value."""
+    from hisd_jax.tools import fuzz_configs  # noqa: PLC0415
+
+    ok, failed, total = fuzz_configs.fuzz(limit=6)
+    assert (ok, failed, total) == (6, [], 6)
+    assert len(fuzz_configs.config_cases()) + len(fuzz_configs.command_cases()) >= 100
+    label, met, why = fuzz_configs.run_case(
+        "valid", ["hisd_jax.main", "--config=configs/hisd_multidigits.py"], "x", "/tmp", 3.0
+    )
+    assert not met and "still running" in why
