@@ -94,6 +94,11 @@ class Checkpointer:
         )
         return out.state, out.data, out.extra
 
+    def extra(self, step: int) -> dict:
+        """The `extra` JSON of `step` alone (no arrays read)."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return out.extra or {}
+
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 

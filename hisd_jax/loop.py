@@ -64,13 +64,17 @@ class _Preemption:
 
 def check_workdir_config(workdir: str, config) -> dict:
     """Raises ConfigError if `workdir` holds a run of a different config (resumable fields and
-    fields added to the defaults since that run, at their default value, excepted). Returns the
+    fields added to the defaults since that run, at their default value, excepted): the one in
+    its config.json or, if that file was lost, in its newest checkpoint. Returns the
     changed optimizer fields a resume may change ({field: {"was", "now"}}, usually empty)."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        stored = json.load(f)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+    else:  # lost: the newest checkpoint that says which config wrote it
+        stored = checkpointed_config(workdir)
+        if stored is None:
+            return {}
     defaults = json.loads(config_lib.base_config().to_json_best_effort())
     stored = config_lib.fill_defaults(stored, defaults)
     current = json.loads(config.to_json_best_effort())
@@ -86,6 +90,26 @@ def check_workdir_config(workdir: str, config) -> dict:
         for f in differ
         if f in config_lib.OPTIMIZER_CHANGES
     }
+
+
+def checkpointed_config(workdir: str) -> dict | None:
+    """The resolved config stored in the newest checkpoint of `workdir` that has one (every
+    checkpoint carries it in its `extra` item), or None."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = checkpointing.Checkpointer(directory, every=1, keep=None, async_save=False)
+    try:
+        for step in reversed(ckpt.all_steps()):
+            try:
+                config = ckpt.extra(step).get("config")
+            except (OSError, ValueError, KeyError):  # a damaged step: try an older one
+                continue
+            if config is not None:
+                return config
+        return None
+    finally:
+        ckpt.close()
 
 
 def _get(tree: dict, dotted: str):
@@ -216,6 +240,7 @@ class Loop:
             process_count=jax.process_count(),
         )
         self.writer = None  # opened by restore_or_init, which knows the step to resume from
+        self._config_json = json.loads(exp.config.to_json_best_effort(sort_keys=True))
         self.eval_step = steps.make_eval_step(exp)
         self._sharding = parallel.batch_sharded(exp.mesh)
         self._keys = exp.batch_keys(train=True)
@@ -255,7 +280,11 @@ class Loop:
         self._check_finite(state, step)
         self.program.save_artifacts(self.workdir, state)  # on disk before the checkpoint
         self.ckpt.save(
-            step, self.program.checkpointed(state), self.iterator.get_state(), force=True
+            step,
+            self.program.checkpointed(state),
+            self.iterator.get_state(),
+            extra={"config": self._config_json},  # what a resume compares against
+            force=True,
         )
 
     def _check_finite(self, state: TrainState, step: int) -> None:

@@ -472,3 +472,21 @@ def test_a_resumed_run_drops_the_events_logged_after_its_checkpoint(tmp_path):
     writer.close()
     events = read_jsonl(str(tmp_path))
     assert [(e["step"], e["loss"]) for e in events] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_a_lost_config_json_is_replaced_by_the_checkpoints_own(run, tmp_path):
+    """config.json deleted: a resume with another model width is refused in one line (it
+    died in Orbax with a shape mismatch and rewrote config.json before), nothing is written;
+    the same config resumes and writes config.json again."""
+    import shutil  # noqa: PLC0415
+
+    config, workdir, _, _ = run
+    clone = str(tmp_path / "clone")
+    shutil.copytree(workdir, clone)
+    os.remove(os.path.join(clone, "config.json"))
+    with pytest.raises(ConfigError, match=r"changed: model.width"):
+        train.train_and_evaluate(tiny_config(model__width=4), clone)
+    assert not os.path.exists(os.path.join(clone, "config.json"))
+    train.train_and_evaluate(config, clone)
+    with open(os.path.join(clone, "config.json")) as f:
+        assert json.load(f)["model"]["width"] == config.model.width
