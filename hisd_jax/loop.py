@@ -279,11 +279,13 @@ class Loop:
     def save(self, step: int, state: TrainState) -> None:
         self._check_finite(state, step)
         self.program.save_artifacts(self.workdir, state)  # on disk before the checkpoint
+        view = self.program.checkpointed(state)
         self.ckpt.save(
             step,
-            self.program.checkpointed(state),
+            view,
             self.iterator.get_state(),
-            extra={"config": self._config_json},  # what a resume compares against
+            # what a resume compares against: the config, and the bytes (`restore`)
+            extra={"config": self._config_json, "digest": checkpointing.tree_digest(view)},
             force=True,
         )
 
@@ -375,7 +377,10 @@ def restore(
     problems = []
     for step in reversed(ckpt.all_steps()):
         try:
-            restored, data_state, _ = ckpt.restore(abstract, step)
+            restored, data_state, extra = ckpt.restore(abstract, step)
+            digest = (extra or {}).get("digest")
+            if digest is not None and checkpointing.tree_digest(restored) != digest:
+                raise ValueError("its arrays differ from what was saved (sha256 mismatch)")
             restored = exp.program.restore_artifacts(workdir, restored, fresh)
         except (OSError, ValueError, KeyError) as e:
             problems.append(f"step {step}: {' '.join(str(e).split())[:300]}")

@@ -208,3 +208,46 @@ def test_sigterm_during_start_up_leaves_a_workdir_that_reruns(
     finish(proc)
     run(killed, arg, env)
     assert_states_equal(killed / "final_state.npz", straight / "final_state.npz")
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "digest_of_other_bytes"])
+def test_a_checkpoint_whose_arrays_changed_on_disk_is_skipped(
+    pytestconfig, tmp_path_factory, damage
+):
+    """Bytes of the newest checkpoint's arrays flipped (they may still parse: restored
+    silently before), or its stored sha256 made to disagree with its arrays: the restore
+    takes the step before, bitwise equal to the same step of an undamaged run."""
+    from hisd_jax import checkpointing  # noqa: PLC0415
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+    from hisd_jax import loop as loop_lib  # noqa: PLC0415
+
+    from _workers import flat_state, get_config  # noqa: PLC0415
+
+    env = cache_env(pytestconfig, tmp_path_factory)
+    arg = "train__steps=12,train__checkpoint_every=4,train__keep_checkpoints=2"
+    root = tmp_path_factory.mktemp(f"damaged_{damage}")
+    run(root / "run", arg, env)
+    steps = checkpoint_steps(root / "run")
+    assert steps == [8, 12]
+    newest = root / "run" / "checkpoints" / "12"
+    if damage == "flipped_bytes":
+        files = [p for p in (newest / "state").rglob("*") if p.is_file()]
+        data = max(files, key=lambda p: p.stat().st_size)
+        raw = bytearray(data.read_bytes())
+        for i in range(len(raw) // 2, len(raw) // 2 + 64):
+            raw[i] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    else:
+        meta = newest / "extra" / "metadata"
+        text = meta.read_text()
+        digest = json.loads(text)["digest"]
+        meta.write_text(text.replace(digest, "0" * len(digest)))
+    exp = experiment_lib.build_experiment(get_config(arg))
+    state, data_state = loop_lib.restore_latest(exp, str(root / "run"))
+    assert data_state["step"] == 8
+    ckpt = checkpointing.Checkpointer(str(root / "run" / "checkpoints"), every=1, keep=None)
+    try:
+        assert ckpt.extra(8)["digest"] == checkpointing.tree_digest(exp.program.checkpointed(state))
+    finally:
+        ckpt.close()
+    assert int(flat_state(state)[".step"]) == 8
