@@ -382,7 +382,9 @@ def restore(
             if digest is not None and checkpointing.tree_digest(restored) != digest:
                 raise ValueError("its arrays differ from what was saved (sha256 mismatch)")
             restored = exp.program.restore_artifacts(workdir, restored, fresh)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure to read a step (TensorStore raises
+            # plain Exception for undecodable bytes): try the one before; all failing is an error
+            # that lists every reason
             problems.append(f"step {step}: {' '.join(str(e).split())[:300]}")
             logging.warning("Checkpoint %d in %s cannot be restored (%s)", step, workdir, e)
             continue
