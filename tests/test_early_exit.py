@@ -257,18 +257,21 @@ def test_tasks_with_heads_on_some_exits(tmp_path):
     evaluate says in one line that early exit needs two exits (a NumPy shape error before),
     export --report covers the exits the task has heads on (an IndexError before); a task on
     two of three exits is refused in one line too (a subset is not supported yet)."""
-    config = tiny_config(
-        data__name="multidigits",
-        data__tasks=("left", "right"),
-        data__kwargs={"num_train": 64, "num_val": 32, "num_test": 32},
-        model__task_exits={"left": (2,), "right": (2,)},
-        objective__preset="final_only",
-        train__steps=4,
-        train__checkpoint_every=4,
-        train__eval_every=0,
-    )
+
+    def config(tasks, task_exits):
+        return tiny_config(
+            data__name="multidigits",
+            data__tasks=tasks,
+            data__kwargs={"num_train": 64, "num_val": 32, "num_test": 32},
+            model__task_exits=task_exits,
+            objective__preset="final_only",
+            train__steps=4,
+            train__checkpoint_every=4,
+            train__eval_every=0,
+        )
+
     workdir = str(tmp_path / "mtl")
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config(("left", "right"), {"left": (2,), "right": (2,)}), workdir)
     with pytest.raises(ValueError, match=r"at least two exits; 'left' has one \(exit2,") as info:
         evaluate.early_exit_report(workdir, measure_speed=False)
     assert "\n" not in str(info.value)
@@ -276,18 +279,8 @@ def test_tasks_with_heads_on_some_exits(tmp_path):
     assert [r["exit"] for r in report["exits"]] == ["exit2"]
     assert 0.0 <= report["exits"][0]["test_accuracy"] <= 1.0
 
-    config = tiny_config(
-        data__name="multidigits",
-        data__tasks=("left",),
-        data__kwargs={"num_train": 64, "num_val": 32, "num_test": 32},
-        model__task_exits={"left": (1, 2)},
-        objective__preset="final_only",
-        train__steps=4,
-        train__checkpoint_every=4,
-        train__eval_every=0,
-    )
     workdir = str(tmp_path / "subset")
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config(("left",), {"left": (1, 2)}), workdir)
     with pytest.raises(ValueError, match="heads on exit1, exit2 only"):
         evaluate.early_exit_report(workdir, measure_speed=False)
     assert [r["exit"] for r in export.exit_report(workdir, batch_size=16)["exits"]] == [
