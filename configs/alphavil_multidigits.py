@@ -37,7 +37,6 @@ from hisd_jax.programs import alphavil
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("left", "right", "sum")  # and the shuffled copy of `shuffled=` (default left)
-BUDGETS = ("epochs", "examples")
 
 
 def get_config(arg=None):
@@ -54,10 +53,10 @@ def get_config(arg=None):
         single="",
         shuffled="left",
     )
-    if arg.budget not in BUDGETS:
+    if arg.budget not in alphavil.BUDGETS:
         raise ConfigError(
             f"configs/alphavil_multidigits.py: budget={arg.budget!r} is not one of "
-            f"{', '.join(BUDGETS)}"
+            f"{', '.join(alphavil.BUDGETS)}"
         )
     c = config_from_file(os.path.join(_HERE, "mtl_multidigits.py"), f"seed={arg.seed}")
     c.unlock()
