@@ -114,6 +114,8 @@ def build_experiment(config) -> Experiment:
         steps_per_epoch,
     )
     try:
+        for name in programs.PROGRAMS:  # every program's own settings, running or not
+            programs.program_class(name).check_fields(config.program)
         exp.program = programs.program_class(config.program.name)(exp)
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -398,3 +398,20 @@ def test_epoch_time_benchmark():
     np.testing.assert_allclose(
         out["alphavil_epoch_ms"], out["joint_pass_ms"] + out["update_ms"], rtol=0.5
     )
+
+
+def test_every_programs_settings_are_checked_whatever_program_runs():
+    """A bad αVIL or KD setting under the standard program is a config error too (it was
+    accepted and ignored: `Program.check_fields` runs for every registered program)."""
+    from hisd_jax import experiment as experiment_lib  # noqa: PLC0415
+    from hisd_jax.config import ConfigError  # noqa: PLC0415
+
+    for field, value, message in [
+        ("budget", "x", "program.budget='x' is not one of epochs, examples"),
+        ("inner_state", "y", "program.inner_state='y'"),
+        ("label_dtype", "int3", "program.label_dtype='int3'"),
+        ("patience", 0, "program.patience=0"),
+    ]:
+        config = program_config(**{"program__name": "standard", f"program__{field}": value})
+        with pytest.raises(ConfigError, match=message):
+            experiment_lib.build_experiment(config)

@@ -58,6 +58,10 @@ class AlphaVILProgram(Program):
 
     name = "alphavil"
 
+    @staticmethod
+    def check_fields(program_cfg) -> None:
+        _check_fields(program_cfg)
+
     def __init__(self, exp):
         super().__init__(exp)
         self.cfg = cfg = _checked_config(exp)
@@ -334,6 +338,14 @@ def _checked_config(exp):
         )
     if cfg.target and cfg.target not in names:
         raise ConfigError(f"program.target={cfg.target!r} is not one of data.tasks={names}")
+    AlphaVILProgram.check_fields(cfg)
+    if len(exp.dataset.splits["val"]) < 1:
+        raise ConfigError("program.name='alphavil' fits α on the validation split: it is empty")
+    return cfg
+
+
+def _check_fields(cfg) -> None:
+    """αVIL's settings on their own (`Program.check_fields`): every run checks them."""
     if not (isinstance(cfg.rho, float | int) and 0 < cfg.rho <= 1):
         raise ConfigError(f"program.rho={cfg.rho!r} must lie in (0, 1]")
     if cfg.inner_state not in INNER_STATES:
@@ -376,6 +388,3 @@ def _checked_config(exp):
         raise ConfigError(
             f"program.weight_clamp={clamp!r} must be () or (low, high) with low <= high"
         )
-    if len(exp.dataset.splits["val"]) < 1:
-        raise ConfigError("program.name='alphavil' fits α on the validation split: it is empty")
-    return cfg

@@ -47,6 +47,13 @@ class Program:
     batches_per_unit = 1  # training-stream batches one unit consumes
     updates_per_unit = 1  # optimizer steps (increments of state.step) one unit takes
 
+    @staticmethod
+    def check_fields(program_cfg) -> None:
+        """Raises ConfigError for an invalid value of this program's own `program.*` settings,
+        without the experiment. Called for every registered program on every run (a setting of
+        a program that is not running would otherwise be ignored silently)."""
+        del program_cfg
+
     def __init__(self, exp):
         self.exp = exp
         self._unit = None

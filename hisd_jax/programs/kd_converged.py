@@ -56,6 +56,10 @@ class KDJointProgram(Program):
     name = "kd_joint"
     sequential = False
 
+    @staticmethod
+    def check_fields(program_cfg) -> None:
+        _check_fields(program_cfg)
+
     def __init__(self, exp):
         super().__init__(exp)
         self.cfg = _checked_config(exp, sequential=self.sequential)
@@ -295,6 +299,19 @@ def _checked_config(exp, sequential: bool):
         raise ConfigError(
             f"program.name={cfg.name!r} tracks convergence on validation: set train.eval_every > 0"
         )
+    _check_fields(cfg)
+    names = exp.task_names
+    if cfg.order and sorted(cfg.order) != sorted(names):
+        raise ConfigError(
+            f"program.order={tuple(cfg.order)} must list each of data.tasks={names} once"
+        )
+    if cfg.order and not sequential:
+        raise ConfigError("program.order applies to kd_sequential only; leave it () for kd_joint")
+    return cfg
+
+
+def _check_fields(cfg) -> None:
+    """KD's settings on their own (`Program.check_fields`): every run checks them."""
     if not isinstance(cfg.patience, int) or cfg.patience < 1:
         raise ConfigError(f"program.patience={cfg.patience!r} must be an integer >= 1")
     for field, lo, hi in (("min_delta", 0.0, np.inf), ("hard_weight", 0.0, 1.0)):
@@ -309,11 +326,3 @@ def _checked_config(exp, sequential: bool):
         )
     if not isinstance(cfg.top_k, int) or cfg.top_k < 0:
         raise ConfigError(f"program.top_k={cfg.top_k!r} must be 0 (all classes) or a count >= 1")
-    names = exp.task_names
-    if cfg.order and sorted(cfg.order) != sorted(names):
-        raise ConfigError(
-            f"program.order={tuple(cfg.order)} must list each of data.tasks={names} once"
-        )
-    if cfg.order and not sequential:
-        raise ConfigError("program.order applies to kd_sequential only; leave it () for kd_joint")
-    return cfg

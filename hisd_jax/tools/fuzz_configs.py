@@ -96,6 +96,14 @@ INVALID_VALUES = [
     ("train.checkpoint_every", "0", "train.checkpoint_every"),
     ("train.keep_checkpoints", "0", "train.keep_checkpoints"),
     ("program.name", "bogus", "program.name"),
+    # another program's settings, under the standard program (ignored silently before)
+    ("program.budget", "x", "program.budget"),
+    ("program.inner_state", "y", "program.inner_state"),
+    ("program.rho", "0.0", "program.rho"),
+    ("program.alpha_steps", "0", "program.alpha_steps"),
+    ("program.label_dtype", "int3", "program.label_dtype"),
+    ("program.patience", "0", "program.patience"),
+    ("program.hard_weight", "2.0", "program.hard_weight"),
     # fields whose default is None (the preset's value): any wrong type
     ("objective.ce", "('a','b','c','d')", "objective.ce"),
     ("objective.ce", "abc", "objective.ce"),
