@@ -27,6 +27,7 @@ from hisd_jax import checkpointing, jsonio, parallel, steps
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax import metrics as metrics_lib
+from hisd_jax import workdir as workdir_lib
 from hisd_jax.errors import ConfigError, WorkdirError
 from hisd_jax.experiment import Experiment, TrainState, init_state
 
@@ -67,14 +68,9 @@ def check_workdir_config(workdir: str, config) -> dict:
     fields added to the defaults since that run, at their default value, excepted): the one in
     its config.json or, if that file was lost, in its newest checkpoint. Returns the
     changed optimizer fields a resume may change ({field: {"was", "now"}}, usually empty)."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-    else:  # lost: the newest checkpoint that says which config wrote it
-        stored = checkpointed_config(workdir)
-        if stored is None:
-            return {}
+    stored = workdir_lib.stored_config(workdir)
+    if stored is None:  # a new workdir
+        return {}
     defaults = json.loads(config_lib.base_config().to_json_best_effort())
     stored = config_lib.fill_defaults(stored, defaults)
     current = json.loads(config.to_json_best_effort())
@@ -90,26 +86,6 @@ def check_workdir_config(workdir: str, config) -> dict:
         for f in differ
         if f in config_lib.OPTIMIZER_CHANGES
     }
-
-
-def checkpointed_config(workdir: str) -> dict | None:
-    """The resolved config stored in the newest checkpoint of `workdir` that has one (every
-    checkpoint carries it in its `extra` item), or None."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    ckpt = checkpointing.Checkpointer(directory, every=1, keep=None, async_save=False)
-    try:
-        for step in reversed(ckpt.all_steps()):
-            try:
-                config = ckpt.extra(step).get("config")
-            except (OSError, ValueError, KeyError):  # a damaged step: try an older one
-                continue
-            if config is not None:
-                return config
-        return None
-    finally:
-        ckpt.close()
 
 
 def _get(tree: dict, dotted: str):
@@ -196,7 +172,8 @@ def prepare_workdir(workdir: str, config) -> WorkdirLock:
     lock = WorkdirLock(workdir).__enter__()
     try:
         path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):  # a resume compares against it: written once
+        if workdir_lib.read_config_json(workdir)[0] is None:  # a resume compares against it:
+            # written once (again only when lost or damaged, from the checked config)
             jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
         if changes:  # e.g. a lower lr after a non-finite stop; Loop records it as an event
             logging.warning("Resuming with changed optimizer settings: %s", changes)

@@ -490,3 +490,99 @@ def test_a_lost_config_json_is_replaced_by_the_checkpoints_own(run, tmp_path):
     train.train_and_evaluate(config, clone)
     with open(os.path.join(clone, "config.json")) as f:
         assert json.load(f)["model"]["width"] == config.model.width
+
+
+def _largest_array_file(step_dir):
+    files = [p for p in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir() if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_bytes(path):
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _zero_digest(step_dir):
+    meta = step_dir / "extra" / "metadata"
+    text = meta.read_text()
+    meta.write_text(text.replace(json.loads(text)["digest"], "0" * 64))
+
+
+# Each kind of damage to the newest checkpoint (step 40) and the step a restore must take: the
+# newest one that reads cleanly. (A newer empty or temporary directory is not a checkpoint.)
+CHECKPOINT_DAMAGE = {
+    "array file deleted": (lambda s: _largest_array_file(s).unlink(), 20),
+    "array file truncated": (lambda s: _largest_array_file(s).write_bytes(b"\0" * 100), 20),
+    "array bytes flipped (still parse)": (lambda s: _flip_bytes(_largest_array_file(s)), 20),
+    "digest of other bytes": (_zero_digest, 20),
+    "state item missing": (lambda s: shutil.rmtree(s / "state"), 20),
+    "state metadata missing": (lambda s: (s / "state" / "_METADATA").unlink(), 20),
+    "state metadata garbage": (lambda s: (s / "state" / "_METADATA").write_text("{not json"), 20),
+    "state manifest missing": (lambda s: (s / "state" / "manifest.ocdbt").unlink(), 20),
+    "iterator JSON garbage": (lambda s: (s / "data" / "metadata").write_text("{not json"), 20),
+    "iterator item missing": (lambda s: shutil.rmtree(s / "data"), 20),
+    "extra JSON garbage": (lambda s: (s / "extra" / "metadata").write_text("{not json"), 20),
+    "empty directory for a newer step": (lambda s: (s.parent / "60").mkdir(), 40),
+    "newer leftover temporary directory": (
+        lambda s: shutil.copytree(s, s.parent / "60.orbax-checkpoint-tmp-1733000000"),
+        40,
+    ),
+    "_CHECKPOINT_METADATA missing": (lambda s: (s / "_CHECKPOINT_METADATA").unlink(), 40),
+}
+CONFIG_DAMAGE = {
+    "config.json of 0 bytes": b"",
+    "config.json truncated": b'{"model": {"wid',
+    "config.json not an object": b"[1, 2]",
+    "config.json not UTF-8": b"\xff\xfe\x00",
+}
+
+
+def test_every_kind_of_damaged_state_restores_the_newest_good_one(run, tmp_path):
+    """The sweep over the whole surface of #14's kind 4: each kind of damage to the newest
+    checkpoint's items, and to config.json, on a copy of the finished run. A restore takes the
+    newest step that reads cleanly, equal (sha256 of every array) to that step as saved; a
+    damaged config.json is replaced by the config the checkpoints record, and a changed config
+    is still refused. Prints the count; all must hold."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from hisd_jax import loop as loop_lib  # noqa: PLC0415
+    from hisd_jax import workdir as workdir_lib  # noqa: PLC0415
+
+    config, workdir, _, _ = run
+    exp = experiment_lib.build_experiment(config)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=None)
+    try:
+        assert ckpt.all_steps() == [20, 40]
+        saved = {step: ckpt.extra(step)["digest"] for step in (20, 40)}
+    finally:
+        ckpt.close()
+    with open(os.path.join(workdir, "config.json")) as f:
+        stored = json.load(f)
+
+    held = []
+    for kind, (damage, step) in CHECKPOINT_DAMAGE.items():
+        copy = tmp_path / kind.replace(" ", "_")
+        shutil.copytree(workdir, copy)
+        damage(Path(copy) / "checkpoints" / "40")
+        state, data_state = loop_lib.restore_latest(exp, str(copy))
+        got = (data_state["step"], checkpointing.tree_digest(exp.program.checkpointed(state)))
+        assert got == (step, saved[step]), kind
+        held.append(kind)
+    for kind, content in CONFIG_DAMAGE.items():
+        copy = str(tmp_path / kind.replace(" ", "_").replace(".", "_"))
+        shutil.copytree(workdir, copy)
+        Path(copy, "config.json").write_bytes(content)
+        assert workdir_lib.load_config(copy).to_dict() == workdir_lib.load_config(workdir).to_dict()
+        with pytest.raises(ConfigError, match=r"changed: model.width"):
+            loop_lib.prepare_workdir(copy, tiny_config(model__width=4))
+        assert Path(copy, "config.json").read_bytes() == content  # untouched by the refusal
+        loop_lib.prepare_workdir(copy, config).__exit__()
+        with open(os.path.join(copy, "config.json")) as f:
+            assert json.load(f) == stored, kind
+        held.append(kind)
+    print(
+        f"{len(held)} of {len(CHECKPOINT_DAMAGE) + len(CONFIG_DAMAGE)} kinds of damage "
+        "restore the newest good state"
+    )
