@@ -65,11 +65,6 @@ def _task(exp, task):
             f"early exit needs a task with heads on at least two exits; {info.name!r} has one "
             f"({', '.join(own)}, model.task_exits)"
         )
-    if len(own) != len(exp.exit_names):
-        raise ValueError(
-            f"early exit runs over every exit of the model; task {info.name!r} has heads on "
-            f"{', '.join(own)} only (model.task_exits): evaluating a subset is not supported yet"
-        )
     return info
 
 
@@ -260,8 +255,8 @@ def per_exit_table(data: dict, costs: dict, pieces: dict) -> dict:
         "standalone_fraction": costs["fraction"],
         "cascade_flops": costs["cascade"],
         "cascade_fraction": costs["cascade_fraction"],
-        "segment_flops": pieces["segments"],
-        "head_flops": pieces["heads"],
+        "segment_flops": costs["stage_segments"],
+        "head_flops": costs["heads"],
     }
 
 
@@ -314,7 +309,7 @@ def early_exit_report(
     t_forward = time.perf_counter() - t0
 
     pieces = _piece_flops(exp.model, variables, tuple(exp.dataset.image_shape))
-    costs = cost_lib.exit_costs(pieces)
+    costs = cost_lib.exit_costs(pieces, info.exits)  # over the task's own exits
     cost = costs["cascade_fraction"]
     calib, temps = calibrate_exits(data, policy, calibrate)
     add_predictions(data, policy, temps)
@@ -349,7 +344,7 @@ def early_exit_report(
         "goal": goal,
         "value": value,
         "search": search if policy != "patience" else None,
-        "exits": list(exp.exit_names),
+        "exits": [exp.exit_names[e] for e in info.exits],
         "full_flops": costs["full"],
         "per_exit": per_exit_table(data, costs, pieces),
         "calibration": calib,

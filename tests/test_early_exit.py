@@ -255,8 +255,10 @@ def test_export_roundtrip_in_fresh_process(workdir, loaded, tmp_path):
 def test_tasks_with_heads_on_some_exits(tmp_path):
     """A multitask model whose tasks have heads on the last exit only (as every MTL config):
     evaluate says in one line that early exit needs two exits (a NumPy shape error before),
-    export --report covers the exits the task has heads on (an IndexError before); a task on
-    two of three exits is refused in one line too (a subset is not supported yet)."""
+    export --report covers the exits the task has heads on (an IndexError before). A task on
+    exits 0 and 2 of 3 gets the report over its own exits: the cascade's stage 2 runs segments
+    1 and 2 and head 2 only, costs add up from the pieces, and the cascade agrees with the
+    mask-based policy."""
 
     def config(tasks, task_exits):
         return tiny_config(
@@ -280,10 +282,26 @@ def test_tasks_with_heads_on_some_exits(tmp_path):
     assert 0.0 <= report["exits"][0]["test_accuracy"] <= 1.0
 
     workdir = str(tmp_path / "subset")
-    train.train_and_evaluate(config(("left",), {"left": (1, 2)}), workdir)
-    with pytest.raises(ValueError, match="heads on exit1, exit2 only"):
-        evaluate.early_exit_report(workdir, measure_speed=False)
+    results = train.train_and_evaluate(config(("left",), {"left": (0, 2)}), workdir)
     assert [r["exit"] for r in export.exit_report(workdir, batch_size=16)["exits"]] == [
-        "exit1",
+        "exit0",
         "exit2",
     ]
+    exp, variables = workdir_lib.load_workdir(workdir)
+    r = evaluate.early_exit_report(
+        workdir, exp=exp, variables=variables, batch_size=16, speed_repeats=1, plot=False
+    )
+    assert r["exits"] == ["exit0", "exit2"]
+    pieces = cost_lib.piece_flops(exp.model, variables, exp.dataset.image_shape)
+    (s0, s1, s2), (h0, _, h2) = pieces["segments"], pieces["heads"]
+    np.testing.assert_allclose(r["per_exit"]["cascade_flops"], [s0 + h0, s0 + s1 + s2 + h0 + h2])
+    np.testing.assert_allclose(r["per_exit"]["flops"], [s0 + h0, s0 + s1 + s2 + h2])
+    assert r["full_flops"] == pytest.approx(s0 + s1 + s2 + h2)
+    rates = np.asarray(r["test"]["exit_rates"])
+    want = rates @ np.asarray(r["per_exit"]["cascade_flops"]) / r["full_flops"]
+    assert r["test"]["avg_flops_fraction"] == pytest.approx(want)
+    assert r["speed"]["cascade_avg_flops_fraction"] == pytest.approx(want)
+    assert r["speed"]["agreement_exits"] == 1.0 and r["speed"]["agreement_preds"] == 1.0
+    for e, name in enumerate(r["exits"]):  # each own exit alone, as training evaluated it
+        want = results["test"]["left"][name]["accuracy"]
+        assert r["per_exit"]["test_accuracy"][e] == pytest.approx(want, abs=1e-6)

@@ -111,20 +111,24 @@ def all_exit_logits(model, variables, images, task, batch_size=256):
     return np.concatenate([np.asarray(z)[:, :n] for z, n in out], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "task", "i"))
-def _stage(variables, x, prev_pred, run, rule, *, model, task, i):
-    """Segment i and head i of `model` on a bucket ``x``.
+@functools.partial(jax.jit, static_argnames=("model", "task", "segments", "first", "last"))
+def _stage(variables, x, prev_pred, run, rule, *, model, task, segments, first, last):
+    """The `segments` of `model` (consecutive indices) and the head of the last of them, on a
+    bucket ``x``: one stage of the cascade, from the previous exit of `task` to its next one.
 
-    Returns (segment output or None at the final exit, logits, pred, run length, done). `rule`
-    holds traced scalars (policy index into `POLICIES`, threshold, temperature, patience), so
-    one compiled program per (model, task, exit, bucket size) serves every policy and setting.
+    Returns (segment output or None at the task's final exit, logits, pred, run length, done).
+    `rule` holds traced scalars (policy index into `POLICIES`, threshold, temperature,
+    patience), so one compiled program per (model, task, stage, bucket size) serves every
+    policy and setting.
     """
     cls = type(model)
-    h = model.apply(variables, i, x, method=cls.run_segment)
-    logits = model.apply(variables, i, h, method=cls.run_head)["logits"][task]
+    h = x
+    for i in segments:
+        h = model.apply(variables, i, h, method=cls.run_segment)
+    logits = model.apply(variables, segments[-1], h, method=cls.run_head)["logits"][task]
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    run = jnp.ones_like(run) if i == 0 else jnp.where(pred == prev_pred, run + 1, 1)
-    if i == model.num_exits - 1:
+    run = jnp.ones_like(run) if first else jnp.where(pred == prev_pred, run + 1, 1)
+    if last:
         return None, logits, pred, run, jnp.ones(pred.shape, bool)
     z = logits / rule["temperature"]
     kinds = policies.CONFIDENCE_KINDS
@@ -170,7 +174,11 @@ class Cascade:
 
     Args:
       model: the multi-exit model (any `cut_at`); `variables`: {'params', 'batch_stats'}.
-      task: task name whose logits drive the policy and are returned.
+      task: task name whose logits drive the policy and are returned. The cascade stops at
+        the exits where the task has a head (`model.exits_of(task)`, every exit by default);
+        its stage k runs the segments from the previous such exit up to exit k's. Exit indices
+        in results (`exit_idx`, `stage_sizes`) and the per-stage `thresholds`/`temperatures`
+        count these exits only.
       policy: one of `POLICIES`. Threshold policies exit at the first e with
         confidence(logits_e / T_e) >= thresholds[e] (`policies.threshold_exit`); "patience"
         exits at the first e whose prediction has been the same for `patience` exits.
@@ -197,14 +205,18 @@ class Cascade:
     ):
         _check_policy(policy)
         self.model, self.variables, self.task, self.policy = model, variables, task, policy
-        self.num_exits = model.num_exits
+        self.exits = tuple(model.exits_of(task))
+        self.num_exits = len(self.exits)
+        starts = (0, *(e + 1 for e in self.exits[:-1]))
+        self.stages = tuple(tuple(range(a, e + 1)) for a, e in zip(starts, self.exits))
         self.batch_size = batch_size
         self.sizes = bucket_sizes(batch_size, buckets, min_bucket)
         self.piece_costs = None
         if pieces is None and image_shape is not None:
             pieces = cost_lib.piece_flops(model, variables, image_shape)
         if pieces is not None:
-            self.piece_costs = np.asarray(pieces["segments"]) + np.asarray(pieces["heads"])
+            costs = cost_lib.exit_costs(pieces, self.exits)
+            self.piece_costs = costs["stage_segments"] + costs["heads"]
 
     def __call__(self, images, thresholds=None, patience=None, temperatures=None):
         """Runs the cascade over host ``images [N, ...]``.
@@ -264,7 +276,9 @@ class Cascade:
                 rules[i],
                 model=self.model,
                 task=self.task,
-                i=i,
+                segments=self.stages[i],
+                first=i == 0,
+                last=i == self.num_exits - 1,
             )
             keep = out.record(i, rows, *jax.device_get((logits, pred, done)))
             if keep.size == 0:
@@ -293,14 +307,16 @@ class Cascade:
 
 
 def full_model_fn(model, task):
-    """Jitted ``(variables, x) -> final-exit logits``: every segment and only the final head
-    (the cost of the full model as a standalone network)."""
+    """Jitted ``(variables, x) -> final-exit logits`` of `task`: every segment up to the task's
+    deepest exit and only that exit's head (the cost of the full model as a standalone
+    network)."""
     cls = type(model)
+    last = model.exits_of(task)[-1]
 
     def fn(variables, x):
-        for i in range(model.num_exits):
+        for i in range(last + 1):
             x = model.apply(variables, i, x, method=cls.run_segment)
-        return model.apply(variables, model.num_exits - 1, x, method=cls.run_head)["logits"][task]
+        return model.apply(variables, last, x, method=cls.run_head)["logits"][task]
 
     return jax.jit(fn)
 

@@ -36,12 +36,20 @@ def piece_flops(model, variables, image_shape) -> dict:
     return {"segments": seg, "heads": heads}
 
 
-def exit_costs(pieces: dict) -> dict:
-    """Per-exit standalone and cascade FLOPs and their fractions of the full model."""
+def exit_costs(pieces: dict, exits=None) -> dict:
+    """Per-exit standalone and cascade FLOPs and their fractions of the full model.
+
+    `exits` (sorted exit indices; default every exit) restricts the cascade to a task's own
+    exits (`model.task_exits`): exiting at exits[k] has run every segment up to it and the
+    heads at exits[:k+1] only, and the full model is the one cut at exits[-1]. Arrays [len(exits)]
+    (FLOPs per example); `stage_segments` is the segment FLOPs each cascade stage adds. A head's
+    cost is the whole exit head (every task's classifier at that exit).
+    """
     seg, heads = np.asarray(pieces["segments"]), np.asarray(pieces["heads"])
-    trunk = np.cumsum(seg)
-    standalone = trunk + heads
-    cascade = trunk + np.cumsum(heads)
+    exits = np.arange(len(seg)) if exits is None else np.asarray(exits, int)
+    trunk = np.cumsum(seg)[exits]
+    standalone = trunk + heads[exits]
+    cascade = trunk + np.cumsum(heads[exits])
     full = standalone[-1]
     return {
         "standalone": standalone,
@@ -49,6 +57,8 @@ def exit_costs(pieces: dict) -> dict:
         "full": full,
         "fraction": standalone / full,
         "cascade_fraction": cascade / full,
+        "stage_segments": np.diff(trunk, prepend=0.0),
+        "heads": heads[exits],
     }
 
 
