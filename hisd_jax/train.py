@@ -12,7 +12,7 @@ import os
 import jax
 from absl import logging
 
-from hisd_jax import jsonio
+from hisd_jax import jsonio, provenance
 from hisd_jax import loop as loop_lib
 from hisd_jax.experiment import Experiment, TrainState, build_experiment
 from hisd_jax.inference import cost as cost_lib
@@ -68,6 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 else None,
             },
             **exp.program.results(state),
+            "environment": provenance.environment(),  # commit, package versions, devices
         }
         for split in ("val", "test"):  # once: the last step may have validated already
             loop.writer.write(info.end, split, loop_lib.flat_metrics(results[split]), once=True)

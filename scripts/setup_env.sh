@@ -9,12 +9,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-# Reinstall only when this checkout or its setup.py changed (a rerun needs no network). A venv
-# serves one checkout: pointing HISD_VENV at another checkout's venv re-points its install.
+# Every package at the version in constraints.txt, the environment the README's results were
+# produced with (so they reproduce to the last digit). Reinstall only when this checkout, its
+# setup.py or constraints.txt changed (a rerun needs no network). A venv serves one checkout:
+# pointing HISD_VENV at another checkout's venv re-points its install.
 STAMP="$VENV/.hisd_jax_install"
-WANT="$(pwd) $(sha256sum setup.py | cut -d' ' -f1)"
+WANT="$(pwd) $(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import hisd_jax" 2>/dev/null; then
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   echo "$WANT" > "$STAMP"
 fi
 export PY="$VENV/bin/python"
