@@ -162,7 +162,7 @@ def config_cases() -> list[tuple[str, list[str], str]]:
 
 
 def command_cases() -> list[tuple[str, list[str], str]]:
-    """The other entry points: evaluate, export, sweep, bench, plots."""
+    """The other entry points: evaluate, export, sweep, compare, results, bench, plots."""
     none = "{tmp}/no_such_run"
     return [
         ("evaluate no workdir", ["hisd_jax.evaluate", f"--workdir={none}"], "config.json"),
@@ -231,6 +231,27 @@ def command_cases() -> list[tuple[str, list[str], str]]:
             ],
             "--seeds",
         ),
+        (
+            "compare seeds",
+            [
+                "hisd_jax.compare",
+                "--config=configs/compare_multidigits.py",
+                "--workdir={tmp}/cmp",
+                "--seeds=0,a",
+            ],
+            "--seeds",
+        ),
+        (
+            "compare seeds twice",
+            [
+                "hisd_jax.compare",
+                "--config=configs/compare_multidigits.py",
+                "--workdir={tmp}/cmp",
+                "--seeds=1,1",
+            ],
+            "--seeds",
+        ),
+        ("results only", ["hisd_jax.results", "--only=nope"], "--only"),
         (
             "bench config",
             ["hisd_jax.bench", f"--config={CONFIG}", "--config.train.steps=0"],
