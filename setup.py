@@ -28,5 +28,5 @@ setup(
     packages=find_packages(include=["hisd_jax", "hisd_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "packaging>=24.0"]},
 )
