@@ -27,7 +27,7 @@ from hisd_jax import checkpointing, jsonio, parallel, steps
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax import metrics as metrics_lib
-from hisd_jax import workdir as workdir_lib
+from hisd_jax import stored_config as stored_config_lib
 from hisd_jax.errors import ConfigError, WorkdirError
 from hisd_jax.experiment import Experiment, TrainState, init_state
 
@@ -68,7 +68,7 @@ def check_workdir_config(workdir: str, config) -> dict:
     fields added to the defaults since that run, at their default value, excepted): the one in
     its config.json or, if that file was lost, in its newest checkpoint. Returns the
     changed optimizer fields a resume may change ({field: {"was", "now"}}, usually empty)."""
-    stored = workdir_lib.stored_config(workdir)
+    stored = stored_config_lib.stored_config(workdir)
     if stored is None:  # a new workdir
         return {}
     defaults = json.loads(config_lib.base_config().to_json_best_effort())
@@ -172,7 +172,7 @@ def prepare_workdir(workdir: str, config) -> WorkdirLock:
     lock = WorkdirLock(workdir).__enter__()
     try:
         path = os.path.join(workdir, "config.json")
-        if workdir_lib.read_config_json(workdir)[0] is None:  # a resume compares against it:
+        if stored_config_lib.read_config_json(workdir)[0] is None:  # a resume compares against it:
             # written once (again only when lost or damaged, from the checked config)
             jsonio.write_json(path, json.loads(config.to_json_best_effort(sort_keys=True)))
         if changes:  # e.g. a lower lr after a non-finite stop; Loop records it as an event
