@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "flatbuffers>=24.3",  # jax.export serialization (hisd_jax.export)
     "tensorboardX>=2.6.2",  # TensorBoard event files without TensorFlow
     "tqdm>=4.66",  # the training progress bar
+    "tokenizers>=0.22",  # BPE tokenizer of the code-search corpus (data/pycode.py)
 ]
 
 setup(

@@ -1,0 +1,242 @@
+"""Code search on real code that ships with the install: (docstring summary, function) pairs.
+
+The corpus is built from the Python sources on the machine: the standard library of the running
+interpreter and installed packages (default: scikit-learn, SciPy, NumPy, Matplotlib, all
+dependencies of hisd_jax), skipping their test suites. Every
+function or method with a docstring gives one pair:
+
+  query   the docstring's summary: its first paragraph, whitespace collapsed (3-64 words);
+  code    the function's source without its docstring (`ast.unparse` of the definition, so
+          comments and formatting are normalised away).
+
+Trivial pairs are dropped (a body of `pass`, `...`, a bare `raise`, or fewer than
+`MIN_CODE_LINES` lines once the docstring is gone), and duplicates (the same code, or the same
+query and code) keep their first occurrence in sorted file order. The split is by module: a
+module's pairs all go to one split, chosen by a hash of its dotted name
+(`split_of_module`), so no module and no file is in two splits.
+
+Per pair the corpus also keeps two labels for sequence classification: `package` (the
+top-level package: `stdlib` or the package's name; which one a function comes from) and
+`returns` (whether the function's own body returns a value).
+
+`build_corpus()` returns the pairs and a manifest naming the exact corpus: the Python version,
+the package versions, the sha256 of every source file read, the builder's version, the pair
+count per split, and `digest`, a sha256 over all of it. `load_corpus(data_dir)` caches the
+corpus in `<data_dir>/pycode/<digest prefix>/` (pairs.jsonl, manifest.json) and, trained on the
+training split only, a byte-level BPE tokenizer from HF `tokenizers` (tokenizer.json).
+
+Follows the CodeSearchNet construction (Husain et al. 2019, arXiv 1909.09436): docstring
+summary as the query, the function body as the document, deduplicated, split so that no
+repository (here: module) spans two splits.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import platform
+import sysconfig
+
+BUILDER_VERSION = 1
+PACKAGES = ("sklearn", "scipy", "numpy", "matplotlib")  # installed with hisd_jax
+SPLITS = ("train", "val", "test")
+FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test by module
+MIN_QUERY_WORDS, MAX_QUERY_WORDS = 3, 64
+MIN_CODE_LINES = 3
+# Directories never read: test suites, demos, vendored or generated code, tooling.
+SKIP_DIRS = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
+     "__pycache__", "tkinter", "_vendor", "externals", "__phello__", "pydoc_data"}
+)  # fmt: skip
+DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+
+
+def source_files(packages=PACKAGES) -> list[tuple[str, str, str]]:
+    """(package, dotted module name, path) of every source file read, sorted: the standard
+    library (package "stdlib") and each installed package in `packages`."""
+    roots = [("stdlib", sysconfig.get_paths()["stdlib"], "")]
+    for name in packages:
+        module = importlib.import_module(name)
+        roots.append((name, os.path.dirname(module.__file__), name))
+    out = []
+    for package, root, prefix in roots:
+        for directory, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+            for file in sorted(files):
+                if not file.endswith(".py") or file.startswith("test_"):
+                    continue
+                rel = os.path.relpath(os.path.join(directory, file), root)[: -len(".py")]
+                parts = [p for p in rel.split(os.sep) if p != "__init__"]
+                dotted = ".".join(([prefix] if prefix else []) + parts) or prefix
+                out.append((package, dotted, os.path.join(directory, file)))
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
+def split_of_module(module: str, fractions=FRACTIONS) -> str:
+    """The split of every pair of `module`: a fixed function of its dotted name."""
+    u = int.from_bytes(hashlib.sha256(module.encode()).digest()[:8], "big") / 2.0**64
+    if u < fractions[0]:
+        return "train"
+    return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def summary(docstring: str) -> str:
+    """The first paragraph of a docstring, whitespace collapsed to single spaces."""
+    return " ".join(inspect.cleandoc(docstring).split("\n\n", 1)[0].split())
+
+
+def _trivial(body: list[ast.stmt]) -> bool:
+    if len(body) != 1:
+        return False
+    stmt = body[0]
+    if isinstance(stmt, (ast.Pass, ast.Raise)):
+        return True
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+
+
+def returns_value(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether the function's own body (not a nested function or class) returns a value."""
+    stack = list(node.body)
+    while stack:
+        stmt = stack.pop()
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(stmt, ast.Return) and stmt.value is not None:
+            if not (isinstance(stmt.value, ast.Constant) and stmt.value.value is None):
+                return True
+        stack.extend(ast.iter_child_nodes(stmt))
+    return False
+
+
+def pairs_of_source(text: str, module: str, package: str) -> list[dict]:
+    """The (query, code) pairs of one file's source `text` (see the module docstring); a file
+    that does not parse gives none."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node, clean=False)
+        if not doc:
+            continue
+        query = summary(doc)
+        if not MIN_QUERY_WORDS <= len(query.split()) <= MAX_QUERY_WORDS:
+            continue
+        body = node.body[1:]  # without the docstring
+        if not body or _trivial(body):
+            continue
+        stripped = type(node)(**{**{f: getattr(node, f) for f in node._fields}, "body": body})
+        code = ast.unparse(ast.fix_missing_locations(stripped))
+        if code.count("\n") + 1 < MIN_CODE_LINES:
+            continue
+        out.append({"query": query, "code": code, "module": module, "name": node.name,
+                    "package": package, "returns": returns_value(node)})  # fmt: skip
+    return out
+
+
+def build_corpus(packages=PACKAGES, fractions=FRACTIONS) -> tuple[dict[str, list[dict]], dict]:
+    """({split: pairs}, manifest) of the sources on this machine (see the module docstring)."""
+    files = source_files(packages)
+    hashes, seen_code, seen_pair = {}, set(), set()
+    splits = {s: [] for s in SPLITS}
+    for package, module, path in files:
+        with open(path, "rb") as f:
+            raw = f.read()
+        key = f"{package}:{module}"
+        hashes[key] = hashlib.sha256(raw).hexdigest()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        split = split_of_module(module, fractions)
+        for pair in pairs_of_source(text, module, package):
+            code_key = hashlib.sha256(pair["code"].encode()).digest()
+            pair_key = hashlib.sha256((pair["query"] + "\0" + pair["code"]).encode()).digest()
+            if code_key in seen_code or pair_key in seen_pair:
+                continue
+            seen_code.add(code_key)
+            seen_pair.add(pair_key)
+            splits[split].append(pair)
+    manifest = {
+        "builder_version": BUILDER_VERSION,
+        "python": platform.python_version(),
+        "packages": {
+            name: importlib.metadata.version(DISTRIBUTIONS.get(name, name)) for name in packages
+        },
+        "fractions": list(fractions),
+        "files": hashes,
+        "pairs": {s: len(p) for s, p in splits.items()},
+        "modules": {s: len({p["module"] for p in ps}) for s, ps in splits.items()},
+    }
+    manifest["digest"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return splits, manifest
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]")  # ids 0, 1, 2
+PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
+
+
+def train_tokenizer(pairs: list[dict], vocab_size: int = 8192):
+    """A byte-level BPE tokenizer (HF `tokenizers`) trained on the queries and code of `pairs`
+    (the training split only); `SPECIAL_TOKENS` take ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = (t for p in pairs for t in (p["query"], p["code"]))
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=2 * len(pairs))
+    return tokenizer
+
+
+def encode(tokenizer, texts: list[str], max_len: int):
+    """int32 [len(texts), max_len] token ids, each row [CLS] + the text's tokens, truncated to
+    `max_len` and padded with PAD_ID (0)."""
+    import numpy as np  # noqa: PLC0415
+
+    out = np.full((len(texts), max_len), PAD_ID, np.int32)
+    for i, enc in enumerate(tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+        ids = [CLS_ID, *enc.ids][:max_len]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def default_data_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "hisd_jax")
+
+
+def load_corpus(data_dir: str | None = None, vocab_size: int = 8192, packages=PACKAGES):
+    """(splits, manifest, tokenizer) of the corpus on this machine, cached in
+    `<data_dir>/pycode/<digest[:16]>_v<vocab_size>/` (built, and the tokenizer trained on the
+    training split, the first time; a cached copy is used only when the sources' digest is the
+    same). `data_dir` defaults to ~/.cache/hisd_jax."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    from hisd_jax import jsonio  # noqa: PLC0415
+
+    splits, manifest = build_corpus(packages)
+    directory = os.path.join(
+        data_dir or default_data_dir(), "pycode", f"{manifest['digest'][:16]}_v{vocab_size}"
+    )
+    path = os.path.join(directory, "tokenizer.json")
+    if os.path.exists(path):
+        tokenizer = Tokenizer.from_file(path)
+    else:
+        os.makedirs(directory, exist_ok=True)
+        tokenizer = train_tokenizer(splits["train"], vocab_size)
+        jsonio.write_text(path, tokenizer.to_str())
+        jsonio.write_json(os.path.join(directory, "manifest.json"), manifest)
+    return splits, manifest, tokenizer
