@@ -14,6 +14,12 @@ Data a program writes once or rarely and that the rolling retention must not del
 labels, each task's best parameters) lives beside them in `ItemStore`s.
 """
 
+import contextlib
+import gc
+import inspect
+import logging as std_logging
+import sys
+
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -149,6 +155,33 @@ class ItemStore:
 
     def __exit__(self, *exc):
         self._mngr.close()
+
+
+@contextlib.contextmanager
+def quiet_failed_reads():
+    """Silences the echoes of a restore that fails on a damaged step: Orbax's other reads of
+    that step fail later in its asyncio loop, and asyncio logs "exception was never retrieved"
+    and Python reports "Exception ignored in" their coroutines (or "Event loop is closed"), some
+    hundreds of lines for one missing file. The failure itself still raises, and the caller
+    reports it once. Only those two kinds of message are dropped; others pass through."""
+    log = std_logging.getLogger("asyncio")
+    level, hook = log.level, sys.unraisablehook
+
+    def unraisable(u):
+        echo = inspect.iscoroutine(u.object) or (
+            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        )
+        if not echo:
+            hook(u)
+
+    log.setLevel(std_logging.CRITICAL)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        gc.collect()  # the failed reads' coroutines are reported when collected: here
+        sys.unraisablehook = hook
+        log.setLevel(level)
 
 
 def abstract_like(state, shardings):

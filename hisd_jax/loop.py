@@ -354,7 +354,8 @@ def restore(
     problems = []
     for step in reversed(ckpt.all_steps()):
         try:
-            restored, data_state, extra = ckpt.restore(abstract, step)
+            with checkpointing.quiet_failed_reads():
+                restored, data_state, extra = ckpt.restore(abstract, step)
             digest = (extra or {}).get("digest")
             if digest is not None and checkpointing.tree_digest(restored) != digest:
                 raise ValueError("its arrays differ from what was saved (sha256 mismatch)")
@@ -363,8 +364,12 @@ def restore(
             # plain Exception for undecodable bytes): try the one before; all failing is an error
             # that lists every reason
             problems.append(f"step {step}: {' '.join(str(e).split())[:300]}")
-            logging.warning("Checkpoint %d in %s cannot be restored (%s)", step, workdir, e)
+            logging.warning("Checkpoint %d in %s cannot be restored (%s)", step, workdir,
+                            problems[-1].split(": ", 1)[1])  # fmt: skip
             continue
+        if step != ckpt.all_steps()[-1]:
+            logging.warning("Using checkpoint step %d of %s (the newer ones cannot be restored)",
+                            step, workdir)  # fmt: skip
         for bad in ckpt.all_steps():  # the newer ones are unreadable
             if set_aside and bad > step:
                 path = ckpt.set_aside(bad)
