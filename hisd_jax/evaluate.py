@@ -302,8 +302,9 @@ def early_exit_report(
     if policy not in cascade.POLICIES:
         raise ValueError(f"Unknown policy {policy!r}; allowed: {', '.join(cascade.POLICIES)}.")
     goal, value = _goal(tolerance, budget)
+    step = None  # the checkpoint's step, when loaded here
     if exp is None or variables is None:
-        exp, variables = load_workdir(workdir)
+        exp, variables, step = load_workdir(workdir, with_step=True)
     info = _task(exp, task)
     data = collect_logits(exp, variables, info.name, info.label_key, batch_size)
     t_forward = time.perf_counter() - t0
@@ -340,6 +341,7 @@ def early_exit_report(
         "workdir": os.path.abspath(workdir),
         "name": exp.config.name,
         "task": info.name,
+        "checkpoint_step": step,
         "policy": policy,
         "goal": goal,
         "value": value,
@@ -409,7 +411,9 @@ def format_report(r: dict) -> str:
     names = r["exits"]
     pe, cal = r["per_exit"], r["calibration"]
     lines = [
-        f"{r['name']} ({r['workdir']}): task {r['task']}, policy {r['policy']}, "
+        f"{r['name']} ({r['workdir']}"
+        + (f", step {r['checkpoint_step']}" if r.get("checkpoint_step") is not None else "")
+        + f"): task {r['task']}, policy {r['policy']}, "
         f"goal {r['goal']} {r['value']:g}, calibrated {cal['applied']}",
         "",
         f"{'exit':<8}{'val acc':>9}{'test acc':>9}{'FLOPs':>12}{'alone':>8}{'cascade':>9}"

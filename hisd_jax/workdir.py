@@ -37,13 +37,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config_lib.fill_defaults(stored, defaults))
 
 
-def load_workdir(workdir: str):
+def load_workdir(workdir: str, *, with_step: bool = False):
     """(Experiment, variables {'params', 'batch_stats'}) of a workdir's latest checkpoint.
 
     Restored like a resume (`loop.restore_latest`): onto the current devices, replicated,
     whatever device count or process count the run trained on, from the newest checkpoint that
     reads cleanly (`WorkdirError` if none does, FileNotFoundError if there is none). An
-    unfinished run (no results.json) is used with a warning naming its step.
+    unfinished run (no results.json) is used with a warning naming its step. With `with_step`,
+    returns (Experiment, variables, the checkpoint's step).
     """
     config = load_config(workdir)  # first: a missing workdir fails before heavy imports
     from hisd_jax import experiment  # noqa: PLC0415
@@ -60,7 +61,8 @@ def load_workdir(workdir: str):
             int(data_state["step"]),
             config.train.steps,
         )
-    return exp, {"params": state.params, "batch_stats": state.batch_stats}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return (exp, variables, int(data_state["step"])) if with_step else (exp, variables)
 
 
 def split_arrays(exp, split: str, label_key: str):

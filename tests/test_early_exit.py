@@ -179,6 +179,8 @@ def test_evaluate_cli_writes_json_and_plot(workdir):
     with open(os.path.join(workdir, "early_exit.json")) as f:
         report = json.load(f)
     assert report["goal"] == "tolerance" and report["value"] == 0.01
+    assert report["checkpoint_step"] == 40  # the step evaluated, named in the table too
+    assert f"{workdir}, step 40)" in proc.stdout
     speed = report["speed"]
     assert speed["batch_size"] == 64 and speed["full_s"] > 0 and speed["cascade_s"] > 0
     assert speed["agreement_exits"] >= 0.99 and speed["agreement_preds"] >= 0.99
