@@ -265,6 +265,9 @@ def snapshot(results: dict, reports: dict, task: str, last_only=()) -> dict:
                 "test": {
                     task: {e: {"accuracy": m["accuracy"]} for e, m in r["test"][task].items()}
                 },
+                # what trained it (commit, packages, devices) and how long it took
+                "environment": r.get("environment"),
+                "wall_time_s": r.get("train", {}).get("wall_time_s"),
             }
             for name, r in results.items()
         },
@@ -570,4 +573,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_config_flags)

@@ -251,6 +251,15 @@ def command_cases() -> list[tuple[str, list[str], str]]:
             ],
             "--seeds",
         ),
+        (
+            "compare variant",
+            [
+                "hisd_jax.compare",
+                "--config=configs/compare_multidigits.py:steps=-5x",
+                "--workdir={tmp}/cmp",
+            ],
+            "steps",
+        ),
         ("results only", ["hisd_jax.results", "--only=nope"], "--only"),
         (
             "bench config",
