@@ -13,7 +13,6 @@ from hisd_jax.models.transformer import TransformerExitNet
 from hisd_jax.objectives import retrieval
 
 
-
 def tiny(**kw):
     args = dict(vocab_size=40, max_len=12, width=16, num_heads=2, mlp_dim=24, exit_after=(1, 3),
                 tasks=(("pkg", 3),), embed_dim=8)  # fmt: skip
