@@ -38,7 +38,37 @@ class Segment(nn.Module):
         return x
 
 
-class MultiExitNet(nn.Module):
+class SegmentsAndExits:
+    """What every multi-exit model shares (`MultiExitNet`, `transformer.TransformerExitNet`):
+    the exit count and names from `exit_after` and `cut_at`, and the forward pass by pieces
+    over the `segments` and `heads` a subclass's `setup` builds."""
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_after) if self.cut_at is None else self.cut_at + 1
+
+    @property
+    def exit_names(self) -> tuple[str, ...]:
+        return tuple(f"exit{e}" for e in range(self.num_exits))
+
+    def trunk(self, x, train: bool = False) -> list:
+        """Every segment's output, shallow -> deep: the shared representation."""
+        features = []
+        for segment in self.segments:
+            x = segment(x, train)
+            features.append(x)
+        return features
+
+    def run_segment(self, i: int, x, train: bool = False):
+        """Runs segment i alone (segment 0 also takes the raw input)."""
+        return self.segments[i](x, train)
+
+    def run_head(self, i: int, x):
+        """Runs exit head i alone on segment i's output."""
+        return self.heads[i](x)
+
+
+class MultiExitNet(SegmentsAndExits, nn.Module):
     """Backbone with exits. See the module docstring.
 
     Outputs of `__call__` (lists ordered shallow -> deep):
@@ -62,14 +92,6 @@ class MultiExitNet(nn.Module):
     head_pool: int = 1
     head_hidden: Sequence[int] = ()
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_after) if self.cut_at is None else self.cut_at + 1
-
-    @property
-    def exit_names(self) -> tuple[str, ...]:
-        return tuple(f"exit{e}" for e in range(self.num_exits))
 
     def setup(self):
         ends = list(self.exit_after[: self.num_exits])
@@ -109,14 +131,6 @@ class MultiExitNet(nn.Module):
     def __call__(self, x, train: bool = False, project: bool = False):
         return self.apply_heads(self.trunk(x, train), project)
 
-    def trunk(self, x, train: bool = False) -> list:
-        """Every segment's output, shallow -> deep: the shared representation."""
-        features = []
-        for segment in self.segments:
-            x = segment(x, train)
-            features.append(x)
-        return features
-
     def apply_heads(self, features, project: bool = False) -> dict:
         """Exit heads on the trunk's outputs; see the class docstring for the result."""
         outs = [head(f, project=project) for head, f in zip(self.heads, features)]
@@ -147,11 +161,3 @@ class MultiExitNet(nn.Module):
     def _head(self, i: int) -> ExitHead:
         """Exit head i as an unbound module (for its labels; `setup` builds the bound ones)."""
         return ExitHead(self._head_tasks(i), self.head_pool, tuple(self.head_hidden), parent=None)
-
-    def run_segment(self, i: int, x, train: bool = False):
-        """Runs segment i alone: the stem (i = 0) and the blocks up to exit i."""
-        return self.segments[i](x, train)
-
-    def run_head(self, i: int, x):
-        """Runs exit head i alone on segment i's output."""
-        return self.heads[i](x)

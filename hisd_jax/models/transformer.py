@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hisd_jax.models import labels
+from hisd_jax.models.multi_exit import SegmentsAndExits
 from hisd_jax.objectives.distill import l2_normalize
 
 POOLS = ("mean", "cls")
@@ -143,7 +144,7 @@ class EncoderExitHead(nn.Module):
         return labels.expand(out, params, where=f"encoder exit head {exit_index}")
 
 
-class TransformerExitNet(nn.Module):
+class TransformerExitNet(SegmentsAndExits, nn.Module):
     """A Transformer encoder with an exit after each of `exit_after`'s layer counts.
 
     Attributes:
@@ -168,14 +169,6 @@ class TransformerExitNet(nn.Module):
     embed_dim: int = 0
     cut_at: int | None = None
     dtype: jnp.dtype = jnp.float32
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.exit_after) if self.cut_at is None else self.cut_at + 1
-
-    @property
-    def exit_names(self) -> tuple[str, ...]:
-        return tuple(f"exit{e}" for e in range(self.num_exits))
 
     def exits_of(self, task: str) -> tuple[int, ...]:
         del task
@@ -209,13 +202,6 @@ class TransformerExitNet(nn.Module):
     def __call__(self, tokens, train: bool = False, project: bool = False):
         return self.apply_heads(self.trunk(tokens, train), project)
 
-    def trunk(self, tokens, train: bool = False) -> list:
-        features, x = [], tokens
-        for segment in self.segments:
-            x = segment(x, train)
-            features.append(x)
-        return features
-
     def apply_heads(self, features, project: bool = False) -> dict:
         outs = [head(f, project=project) for head, f in zip(self.heads, features)]
         result = {
@@ -226,12 +212,6 @@ class TransformerExitNet(nn.Module):
         if project or self.is_initializing():
             result["projected"] = [o["projected"] for o in outs[:-1]]
         return result
-
-    def run_segment(self, i: int, x, train: bool = False):
-        return self.segments[i](x, train)
-
-    def run_head(self, i: int, x):
-        return self.heads[i](x)
 
     def param_labels(self, params) -> dict:
         prefix = {}
