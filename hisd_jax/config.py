@@ -18,6 +18,7 @@ from hisd_jax import models, programs
 from hisd_jax.data import DATASETS
 from hisd_jax.errors import ConfigError
 from hisd_jax.models import BACKBONES, DTYPES, exit_positions, model_section
+from hisd_jax.models.transformer import POOLS
 from hisd_jax.models.backbones import backbone_blocks
 from hisd_jax.models.layers import NORMS, STEMS
 from hisd_jax.mtl.strategy import BACKWARDS, GRADIENT_METHODS, SPACES, STRATEGIES
@@ -68,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_pool = 1  # adaptive pooling size at each exit
     c.model.head_hidden = ()  # hidden Dense widths in each exit head
     c.model.dtype = "float32"
+    # model.name="transformer" only (models/transformer.py):
+    c.model.num_heads = 4  # attention heads (model.width must be a multiple)
+    c.model.mlp_ratio = 4  # MLP width = mlp_ratio * width
+    c.model.pool = "mean"  # exit pooling: "mean" over real tokens or "cls"
+    c.model.embed_dim = 0  # width of each exit's retrieval embedding (0: the pooled features)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.preset = "hisd"  # one of objectives.hisd.PRESETS
@@ -278,6 +284,14 @@ def _validate_model(config) -> None:
     _integer("model.width", m.width, 1)
     _integer("model.stem_features", m.stem_features, 0)
     _integer("model.head_pool", m.head_pool, 1)
+    _integer("model.num_heads", m.num_heads, 1)
+    _integer("model.mlp_ratio", m.mlp_ratio, 1)
+    _integer("model.embed_dim", m.embed_dim, 0)
+    _one_of("model.pool", m.pool, POOLS)
+    if m.name == "transformer" and m.width % m.num_heads:
+        raise ConfigError(
+            f"model.width={m.width} must be a multiple of model.num_heads={m.num_heads}"
+        )
     _integers("model.head_hidden", m.head_hidden, 1)
     _integers("model.stage_sizes", m.stage_sizes, 1)
     if not tuple(m.stage_sizes):

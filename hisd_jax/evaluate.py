@@ -45,11 +45,11 @@ SPLITS = ("val", "test")  # fitted on the first, reported on both
 _PIECES = {}
 
 
-def _piece_flops(model, variables, image_shape):
-    """`cost.piece_flops`, compiled once per (model, input shape) in this process."""
-    key = (model, image_shape)
+def _piece_flops(model, variables, image_shape, dtype="float32"):
+    """`cost.piece_flops`, compiled once per (model, input shape and dtype) in this process."""
+    key = (model, image_shape, dtype)
     if key not in _PIECES:
-        _PIECES[key] = cost_lib.piece_flops(model, variables, image_shape)
+        _PIECES[key] = cost_lib.piece_flops(model, variables, image_shape, dtype)
     return _PIECES[key]
 
 
@@ -309,7 +309,9 @@ def early_exit_report(
     data = collect_logits(exp, variables, info.name, info.label_key, batch_size)
     t_forward = time.perf_counter() - t0
 
-    pieces = _piece_flops(exp.model, variables, tuple(exp.dataset.image_shape))
+    pieces = _piece_flops(
+        exp.model, variables, tuple(exp.dataset.image_shape), exp.dataset.input_dtype
+    )
     costs = cost_lib.exit_costs(pieces, info.exits)  # over the task's own exits
     cost = costs["cascade_fraction"]
     calib, temps = calibrate_exits(data, policy, calibrate)

@@ -63,7 +63,7 @@ class Experiment:
 
     def batch_keys(self, train: bool) -> tuple[str, ...]:
         """The batch fields the jitted steps read (the loader's other fields stay on host)."""
-        keys = ("image", "index", "position", *(t.label_key for t in self.tasks))
+        keys = (self.dataset.input_key, "index", "position", *(t.label_key for t in self.tasks))
         return keys if train else (*keys, "mask")
 
 
@@ -84,7 +84,10 @@ def build_experiment(config) -> Experiment:
         raise ConfigError(f"data.kwargs of data.name={config.data.name!r}: {e}") from e
     tasks = task_specs(config, dataset.tasks)
     model_cfg = model_section(config)
-    model = build_model(model_cfg, tasks)
+    try:
+        model = build_model(model_cfg, tasks, dataset=dataset)
+    except ValueError as e:  # a model the data cannot feed (e.g. a transformer on images)
+        raise ConfigError(str(e)) from e
     depths = exit_positions(model_cfg)[: model.num_exits]
     try:
         objective = build_objective(config.objective, tasks, depths)
@@ -96,7 +99,9 @@ def build_experiment(config) -> Experiment:
     strategy = build_strategy(config, tasks, steps_per_epoch)
     try:  # traces the model on the data's input shape: shape errors are config errors
         abstract = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, *dataset.image_shape)))
+            lambda: model.init(
+                jax.random.key(0), jnp.zeros((1, *dataset.image_shape), dataset.input_dtype)
+            )
         )
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from e
@@ -155,7 +160,7 @@ def init_state(exp: Experiment) -> TrainState:
 
     def init(seed):
         key = jax.random.key(seed)
-        variables = exp.model.init(key, jnp.zeros(shape, jnp.float32))
+        variables = exp.model.init(key, jnp.zeros(shape, exp.dataset.input_dtype))
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
         strategy_params, strategy_state = exp.strategy.init()

@@ -62,7 +62,7 @@ def exit_index(exp, exit_name) -> int:
 
 def cut_model(exp, e: int):
     """The model cut at exit e (`build_model(..., cut_at=e)`)."""
-    return build_model(model_section(exp.config), exp.tasks, cut_at=e)
+    return build_model(model_section(exp.config), exp.tasks, cut_at=e, dataset=exp.dataset)
 
 
 def _subset(full, like, path=()):
@@ -83,7 +83,7 @@ def cut_variables(exp, variables, e: int, standalone: bool = True) -> dict:
     which the cut model's `__call__` evaluates.
     """
     model = cut_model(exp, e)
-    x = jax.ShapeDtypeStruct((1, *exp.dataset.image_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *exp.dataset.image_shape), exp.dataset.input_dtype)
     like = jax.eval_shape(model.init, jax.random.key(0), x)
     param_labels = model.param_labels(like["params"])
 
@@ -161,7 +161,7 @@ def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=No
     image_shape = tuple(exp.dataset.image_shape)
     specs = (
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
-        jax.ShapeDtypeStruct((b, *image_shape), jnp.float32),
+        jax.ShapeDtypeStruct((b, *image_shape), exp.dataset.input_dtype),
     )
     try:
         exported = jax.export.export(fn, platforms=PLATFORMS)(*specs)
@@ -178,7 +178,7 @@ def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=No
         "exit_index": e,
         "num_exits_full_model": len(exp.exit_names),
         "tasks": {t.name: t.num_outputs for t in exp.tasks},
-        "input": {"shape": ["batch", *image_shape], "dtype": "float32"},
+        "input": {"shape": ["batch", *image_shape], "dtype": exp.dataset.input_dtype},
         "params": param_count(flat),
         "variables": len(flat),
         "platforms": list(exported.platforms),
@@ -214,7 +214,9 @@ def exit_report(
         exp, variables = load_workdir(workdir)
     task = exp.tasks[0]
     images, labels = split_arrays(exp, split, task.label_key)
-    pieces = cost_lib.piece_flops(exp.model, variables, exp.dataset.image_shape)
+    pieces = cost_lib.piece_flops(
+        exp.model, variables, exp.dataset.image_shape, exp.dataset.input_dtype
+    )
     costs = cost_lib.exit_costs(pieces)
     logits = cascade.all_exit_logits(exp.model, variables, images, task.name)
     x = cascade._pad_rows(images[:batch_size], batch_size)

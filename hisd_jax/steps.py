@@ -87,7 +87,11 @@ def forward(exp: Experiment, batch_stats, batch: dict) -> tuple[Callable, Callab
     def trunk(params):
         variables = {"params": params, "batch_stats": batch_stats}
         reps, updates = model.apply(
-            variables, batch["image"], train=True, method=model.trunk, mutable=["batch_stats"]
+            variables,
+            batch[exp.dataset.input_key],
+            train=True,
+            method=model.trunk,
+            mutable=["batch_stats"],
         )
         return reps, updates.get("batch_stats", {})
 
@@ -251,7 +255,8 @@ def make_eval_step(exp: Experiment):
     """Jitted (params, batch_stats, batch) -> {task: {exit: sums}} for one batch."""
 
     def eval_fn(params, batch_stats, batch):
-        outputs = exp.model.apply({"params": params, "batch_stats": batch_stats}, batch["image"])
+        x = batch[exp.dataset.input_key]
+        outputs = exp.model.apply({"params": params, "batch_stats": batch_stats}, x)
         result = {}
         for task in exp.tasks:
             names = [exp.exit_names[e] for e in task.exits]
@@ -300,7 +305,8 @@ def make_predict_step(exp: Experiment, temperature: float = 1.0):
     """
 
     def predict_fn(params, batch_stats, batch):
-        outputs = exp.model.apply({"params": params, "batch_stats": batch_stats}, batch["image"])
+        x = batch[exp.dataset.input_key]
+        outputs = exp.model.apply({"params": params, "batch_stats": batch_stats}, x)
         out = {"position": batch["position"], "mask": batch["mask"]}
         for task in exp.tasks:
             per_exit = [

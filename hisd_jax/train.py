@@ -22,7 +22,9 @@ from hisd_jax.models import exit_positions, model_section
 def exit_table(exp: Experiment, state: TrainState) -> dict:
     """Per exit: FLOPs (standalone cut model), fraction of the full model, parameters, depth."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    costs = cost_lib.exit_costs(cost_lib.piece_flops(exp.model, variables, exp.dataset.image_shape))
+    costs = cost_lib.exit_costs(
+        cost_lib.piece_flops(exp.model, variables, exp.dataset.image_shape, exp.dataset.input_dtype)
+    )
     params = cost_lib.exit_param_counts(jax.device_get(state.params), exp.param_labels)
     depths = exit_positions(model_section(exp.config))
     return {

@@ -70,6 +70,6 @@ def split_arrays(exp, split: str, label_key: str):
     images, labels = [], []
     for batch in eval_batches(exp.dataset.splits[split], exp.config.train.eval_batch_size):
         real = batch["mask"] > 0
-        images.append(batch["image"][real])
+        images.append(batch[exp.dataset.input_key][real])
         labels.append(batch[label_key][real])
     return np.concatenate(images), np.concatenate(labels)

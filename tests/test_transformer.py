@@ -2,6 +2,7 @@
 corpus, against float64 numpy references and hand-computed cases."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -255,3 +256,58 @@ def test_corpus_split_is_by_module_and_the_manifest_names_it():
     assert len(codes) == len(set(codes))
     assert set(manifest["packages"]) == set(pycode.PACKAGES) and manifest["python"]
     assert len(manifest["digest"]) == 64 and len(manifest["files"]) > 500
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def pycode_data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pycode"))
+
+
+def test_pycode_dataset_tokens_labels_and_subsample(pycode_data_dir):
+    from hisd_jax import data as data_lib  # noqa: PLC0415
+
+    kw = dict(data_dir=pycode_data_dir, max_len=24, vocab_size=512, num_train=300)
+    ds = data_lib.get_dataset("pycode", seed=3, **kw)
+    assert ds.input_key == "tokens" and ds.input_dtype == "int32" and ds.image_shape == (24,)
+    assert ds.vocab_size == 512 and ds.metadata["manifest"]["pairs"]["test"] >= 1000
+    train = ds.splits["train"].get_batch(np.arange(300))
+    assert train["tokens"].shape == (300, 24) and train["tokens"].dtype == np.int32
+    assert (train["tokens"][:, 0] == pycode.CLS_ID).all() and train["tokens"].max() < 512
+    splits, _ = pycode.build_corpus()
+    for row, index in enumerate(train["index"][:20]):  # labels are the corpus's own
+        pair = splits["train"][index]
+        assert train["package"][row] == pycode.PACKAGE_CLASSES.index(pair["package"])
+        assert train["returns"][row] == int(pair["returns"])
+    again = data_lib.get_dataset("pycode", seed=3, **kw).splits["train"].get_batch(np.arange(300))
+    np.testing.assert_array_equal(again["index"], train["index"])
+    other = data_lib.get_dataset("pycode", seed=4, **kw).splits["train"].get_batch(np.arange(300))
+    assert not np.array_equal(other["index"], train["index"])
+    assert len(ds.splits["test"]) == len(splits["test"])
+
+
+def test_a_tiny_transformer_learns_both_tasks_and_early_exit_runs(pycode_data_dir, tmp_path):
+    """Through the whole trainer (HiSD loss, two tasks), then the early-exit cascade over the
+    encoder's exits: it agrees with the mask-based policy and keeps to the budget."""
+    from conftest import override  # noqa: PLC0415
+
+    from hisd_jax import evaluate, train  # noqa: PLC0415
+    from hisd_jax.config import config_from_file  # noqa: PLC0415
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "pycode_classify.py")
+    config = config_from_file(path, "steps=150,max_len=32,num_train=2000")
+    config.unlock()
+    config.data.kwargs.update(data_dir=pycode_data_dir, vocab_size=512)
+    override(config, train__eval_every=0, train__checkpoint_every=150, train__progress=False)
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    test = results["test"]
+    # package: the majority class is 0.31 of the test split; every exit well above it. (returns
+    # needs longer sequences and more steps than a test affords: 0.83 in the config's run.)
+    accs = [test["package"][e]["accuracy"] for e in ("exit0", "exit1", "exit2")]
+    assert min(accs) > 0.45, accs
+    assert [results["exits"][e]["depth"] for e in ("exit0", "exit1", "exit2")] == [1, 2, 3]
+    report = evaluate.early_exit_report(
+        str(tmp_path / "run"), budget=0.6, batch_size=128, speed_repeats=1, plot=False
+    )
+    assert report["speed"]["agreement_exits"] == 1.0 and report["speed"]["agreement_preds"] == 1.0
+    assert report["test"]["avg_flops_fraction"] <= 0.6 + 0.05

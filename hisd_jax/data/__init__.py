@@ -6,6 +6,8 @@ shape and the tasks it offers. `get_dataset(name, seed=..., **kwargs)` builds on
   digits       sklearn's 1797 8x8 handwritten digits, split by source image (embedded.py)
   multidigits  two digits on a 12x12 canvas, MultiMNIST-style; left/right/sum/... (embedded.py)
   mnist, cifar10, cifar100, multimnist   TFDS via `tfds.data_source` + grain (tfds_sources.py)
+  pycode       functions of the installed Python sources as token ids; tasks package, returns
+               (pycode.py; the code-search pairs are built there too)
 
 Batches are dicts of numpy arrays: 'image' float32 [n, H, W, C], 'index' int32 [n] (a stable
 example id: see each builder), every task's `label_key` (int32 class ids or float32 targets) and
@@ -75,8 +77,12 @@ class Source(Protocol):
 class Dataset:
     name: str
     splits: dict[str, Source]  # always 'train', 'val', 'test'
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # per-example shape of the model input ((L,) for tokens)
     tasks: dict[str, TaskInfo]  # all tasks this dataset offers
+    input_key: str = "image"  # the batch field the model reads ("tokens" for sequences)
+    input_dtype: str = "float32"  # its dtype ("int32" token ids)
+    vocab_size: int = 0  # token vocabulary of a sequence data set (0: not token ids)
+    metadata: dict = dataclasses.field(default_factory=dict, compare=False)  # e.g. a manifest
 
 
 # name -> (module under hisd_jax.data, builder function). Every builder takes `seed` and keywords.
@@ -87,6 +93,7 @@ _BUILDERS = {
     "cifar10": ("tfds_sources", "cifar10"),
     "cifar100": ("tfds_sources", "cifar100"),
     "multimnist": ("tfds_sources", "multimnist"),
+    "pycode": ("pycode", "pycode"),
 }
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 

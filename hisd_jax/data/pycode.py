@@ -33,6 +33,7 @@ repository (here: module) spans two splits.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -142,7 +143,13 @@ def pairs_of_source(text: str, module: str, package: str) -> list[dict]:
 
 
 def build_corpus(packages=PACKAGES, fractions=FRACTIONS) -> tuple[dict[str, list[dict]], dict]:
-    """({split: pairs}, manifest) of the sources on this machine (see the module docstring)."""
+    """({split: pairs}, manifest) of the sources on this machine (see the module docstring).
+    Built once per process and arguments (~12 s): the result is shared, do not modify it."""
+    return _build_corpus(tuple(packages), tuple(fractions))
+
+
+@functools.lru_cache(maxsize=2)
+def _build_corpus(packages, fractions):
     files = source_files(packages)
     hashes, seen_code, seen_pair = {}, set(), set()
     splits = {s: [] for s in SPLITS}
@@ -240,3 +247,61 @@ def load_corpus(data_dir: str | None = None, vocab_size: int = 8192, packages=PA
         jsonio.write_text(path, tokenizer.to_str())
         jsonio.write_json(os.path.join(directory, "manifest.json"), manifest)
     return splits, manifest, tokenizer
+
+
+PACKAGE_CLASSES = ("stdlib", *PACKAGES)  # the `package` task's class ids, in this order
+
+
+def pycode(
+    seed: int = 0,
+    *,
+    data_dir: str | None = None,
+    max_len: int = 128,
+    vocab_size: int = 8192,
+    num_train: int | None = None,
+):
+    """The corpus's functions as a sequence classification `Dataset` ("pycode").
+
+    Input 'tokens' int32 [max_len]: [CLS] and the function's code (docstring removed), BPE ids,
+    padded with 0. Tasks: `package` (which of `PACKAGE_CLASSES` the function comes from) and
+    `returns` (1 if its own body returns a value). 'index' is the pair's row in its split of the
+    corpus (`load_corpus`, cached in `data_dir`). `num_train` keeps that many training rows,
+    drawn by `seed` (default all); validation and test are whole.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from hisd_jax.data import Dataset, TaskInfo  # noqa: PLC0415
+    from hisd_jax.data.embedded import ArraySource  # noqa: PLC0415
+
+    if not 2 <= int(max_len) <= 4096:
+        raise ValueError(f"max_len={max_len} must be in [2, 4096]")
+    splits, manifest, tokenizer = load_corpus(data_dir, vocab_size)
+    sources = {}
+    for split, pairs in splits.items():
+        rows = np.arange(len(pairs))
+        if split == "train" and num_train is not None:
+            if not 1 <= num_train <= len(pairs):
+                raise ValueError(f"num_train={num_train} must be in [1, {len(pairs)}]")
+            rows = np.sort(np.random.default_rng(seed).choice(len(pairs), num_train, False))
+        chosen = [pairs[i] for i in rows]
+        sources[split] = ArraySource({
+            "tokens": encode(tokenizer, [p["code"] for p in chosen], max_len),
+            "index": rows.astype(np.int32),
+            "package": np.array([PACKAGE_CLASSES.index(p["package"]) for p in chosen], np.int32),
+            "returns": np.array([int(p["returns"]) for p in chosen], np.int32),
+        })  # fmt: skip
+    tasks = {
+        "package": TaskInfo("package", "classification", len(PACKAGE_CLASSES), "package"),
+        "returns": TaskInfo("returns", "classification", 2, "returns"),
+    }
+    dataset = Dataset(
+        "pycode",
+        sources,
+        (int(max_len),),
+        tasks,
+        input_key="tokens",
+        input_dtype="int32",
+        vocab_size=tokenizer.get_vocab_size(),
+        metadata={"manifest": manifest},  # the exact corpus
+    )
+    return dataset

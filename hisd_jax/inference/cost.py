@@ -22,9 +22,10 @@ def compiled_flops(fn, *args) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def piece_flops(model, variables, image_shape) -> dict:
-    """FLOPs per example of every segment and every exit head (inference mode)."""
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+def piece_flops(model, variables, image_shape, dtype=jnp.float32) -> dict:
+    """FLOPs per example of every segment and every exit head (inference mode); `image_shape`
+    and `dtype` are one example's input (a data set's `image_shape` and `input_dtype`)."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), dtype)
     seg, heads = [], []
     for i in range(model.num_exits):
         run_seg = lambda v, x, i=i: model.apply(v, i, x, method=model.run_segment)
@@ -32,7 +33,7 @@ def piece_flops(model, variables, image_shape) -> dict:
         x_out = jax.eval_shape(run_seg, variables, x)
         run_head = lambda v, h, i=i: model.apply(v, i, h, method=model.run_head)
         heads.append(compiled_flops(run_head, variables, x_out))
-        x = jax.ShapeDtypeStruct(x_out.shape, x_out.dtype)
+        x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x_out)
     return {"segments": seg, "heads": heads}
 
 

@@ -7,6 +7,7 @@ from hisd_jax.kinds import get_kind
 
 from hisd_jax.models.backbones import BACKBONES, backbone_blocks
 from hisd_jax.models.multi_exit import MultiExitNet
+from hisd_jax.models.transformer import TransformerExitNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -39,18 +40,40 @@ def model_section(config):
     return ml_collections.ConfigDict(m)
 
 
-def build_model(model_cfg, tasks, cut_at=None) -> MultiExitNet:
+def build_model(model_cfg, tasks, cut_at=None, dataset=None):
     """Builds the model named by `model_cfg.name` with one head per task at every exit.
 
     Args:
       model_cfg: the config's `model` section (fields: `config.base_config`).
       tasks: the tasks the heads predict (`mtl.tasks.TaskSpec`; `data.TaskInfo` works too).
       cut_at: overrides `model_cfg.cut_at` (an exit index): build only up to that exit.
+      dataset: the `data.Dataset` (its vocabulary and sequence length size a `transformer`'s
+        embeddings; ValueError if a transformer has none or the data are not token ids).
     """
     blocks, _ = backbone_blocks(
         model_cfg.name, model_cfg.width, model_cfg.get("stage_sizes"), model_cfg.get("strides")
     )
     cut = model_cfg.get("cut_at") if cut_at is None else cut_at
+    if model_cfg.name == "transformer":
+        if dataset is None or not dataset.vocab_size:
+            raise ValueError(
+                "model.name='transformer' needs a data set of token sequences (e.g. "
+                f"data.name='pycode'), not {getattr(dataset, 'name', None)!r}"
+            )
+        width = model_cfg.width
+        return TransformerExitNet(
+            vocab_size=dataset.vocab_size,
+            max_len=dataset.image_shape[0],
+            width=width,
+            num_heads=model_cfg.num_heads,
+            mlp_dim=model_cfg.mlp_ratio * width,
+            exit_after=exit_positions(model_cfg),
+            tasks=task_outputs(tasks),
+            pool=model_cfg.pool,
+            embed_dim=model_cfg.embed_dim,
+            cut_at=cut,
+            dtype=DTYPES[model_cfg.dtype],
+        )
     return MultiExitNet(
         blocks=blocks,
         exit_after=exit_positions(model_cfg),

@@ -1,5 +1,7 @@
 """Backbone definitions: each name maps to a list of blocks and default exit positions.
 
+`transformer` is the multi-exit encoder of `models/transformer.py`: `stage_sizes` counts its
+layers per stage (default (2, 2, 2)), an exit after each stage; `width` is its model width.
 `resnet18/34/50` follow He et al. (2016) with a configurable base width (64 in the
 paper; small widths make the CPU demos fast) and a CIFAR (3x3) or ImageNet (7x7 +
 max-pool) stem. `resnet` is the same family with explicit `stage_sizes`, for tiny
@@ -14,7 +16,8 @@ RESNET_STAGES = {
     "resnet34": ((3, 4, 6, 3), "basic"),
     "resnet50": ((3, 4, 6, 3), "bottleneck"),
 }
-BACKBONES = ("cnn", "resnet", *RESNET_STAGES)
+BACKBONES = ("cnn", "resnet", *RESNET_STAGES, "transformer")
+ENCODER = "encoder"  # the block kind of `transformer`: one encoder layer (models/transformer.py)
 
 
 def backbone_blocks(name: str, width: int, stage_sizes=None, strides=None):
@@ -32,6 +35,11 @@ def backbone_blocks(name: str, width: int, stage_sizes=None, strides=None):
     elif name == "cnn":
         kind = "conv"
         stage_sizes = stage_sizes or (1, 1, 1)
+    elif name == "transformer":  # stages of encoder layers, no downsampling
+        stage_sizes = stage_sizes or (2, 2, 2)
+        blocks = tuple(BlockSpec(ENCODER, width, 1) for _ in range(sum(stage_sizes)))
+        ends = [sum(stage_sizes[: i + 1]) for i in range(len(stage_sizes))]
+        return blocks, tuple(ends)
     else:
         raise ValueError(f"model.name={name!r} is not one of {', '.join(BACKBONES)}")
     strides = strides or tuple(1 if s == 0 else 2 for s in range(len(stage_sizes)))

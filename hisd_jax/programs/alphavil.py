@@ -172,7 +172,7 @@ class AlphaVILProgram(Program):
 
         def dev_loss(variables, batch):
             outputs = exp.model.apply(
-                variables, batch["image"], project=exp.objective.needs_projection
+                variables, batch[exp.dataset.input_key], project=exp.objective.needs_projection
             )
             ctx = steps.LossContext.hard(1.0, num, active=jax.nn.one_hot(target, num))
             losses, _ = exp.objective.task_losses(outputs, batch, ctx)

@@ -88,8 +88,9 @@ def importance_weights(exp, c: float = 1.0) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
     train, dev = exp.dataset.splits["train"], exp.dataset.splits["val"]
-    x_train = train.get_batch(np.arange(len(train)))["image"].reshape(len(train), -1)
-    x_dev = dev.get_batch(np.arange(len(dev)))["image"].reshape(len(dev), -1)
+    key = exp.dataset.input_key
+    x_train = train.get_batch(np.arange(len(train)))[key].reshape(len(train), -1)
+    x_dev = dev.get_batch(np.arange(len(dev)))[key].reshape(len(dev), -1)
     x = np.concatenate([x_train, x_dev]).astype(np.float64)
     y = np.concatenate([np.zeros(len(x_train)), np.ones(len(x_dev))])
     clf = LogisticRegression(C=c, max_iter=1000).fit(x, y)
