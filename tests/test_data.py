@@ -37,10 +37,12 @@ def everything(source):
 
 
 def test_registry():
-    assert DATASETS == ("digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist")
+    assert DATASETS == (
+        "digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist", "pycode"
+    )  # fmt: skip
     message = (
         r"^data.name='x' is not one of digits, multidigits, mnist, cifar10, cifar100, "
-        r"multimnist$"
+        r"multimnist, pycode$"
     )
     with pytest.raises(ValueError, match=message):
         get_dataset("x")

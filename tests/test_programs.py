@@ -351,15 +351,20 @@ def test_labels_classify_like_the_former_name_matching(config_file):
     from hisd_jax.mtl.tasks import task_specs  # noqa: PLC0415
 
     config = _load(config_file)
-    if config.data.name in ("digits", "multidigits"):  # embedded: the real task kinds
-        dataset_tasks = data_lib.get_dataset(config.data.name, **config.data.kwargs).tasks
+    dataset = None
+    if config.data.name in ("digits", "multidigits", "pycode"):  # embedded: the real tasks
+        dataset = data_lib.get_dataset(config.data.name, **config.data.kwargs)
+        dataset_tasks = dataset.tasks
     else:  # TFDS (not downloaded here): its tasks are 10-class digits
         dataset_tasks = {
             name: data_lib.TaskInfo(name, "classification", 10, name) for name in config.data.tasks
         }
-    model = build_model(model_section(config), task_specs(config, dataset_tasks))
-    image = (12, 12, 1) if config.data.name in ("multidigits", "digits") else (32, 32, 3)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image))))["params"]
+    model = build_model(model_section(config), task_specs(config, dataset_tasks), dataset=dataset)
+    if dataset is not None:
+        x = jnp.zeros((1, *dataset.image_shape), dataset.input_dtype)
+    else:
+        x = jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
     param_labels = model.param_labels(params)
     tasks = tuple(config.data.tasks)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -28,7 +28,8 @@ def test_importance_weights_are_the_density_ratio_of_a_dev_vs_train_classifier()
             splits={
                 "train": ArraySource({"image": train_x, "index": np.arange(400)}),
                 "val": ArraySource({"image": dev_x, "index": np.arange(100)}),
-            }
+            },
+            input_key="image",
         )
     )
     w = diw.importance_weights(exp, c=1.0)
