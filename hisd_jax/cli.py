@@ -7,6 +7,15 @@ stderr and exit code 2 (no traceback, nothing written).
 import sys
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a workdir command reports in one line (`fail`) rather than as a traceback: a path
+    that cannot be read (OSError), a bad value or config (ValueError, ConfigError), a workdir
+    that cannot be used (WorkdirError)."""
+    from hisd_jax.errors import WorkdirError  # noqa: PLC0415
+
+    return (OSError, ValueError, WorkdirError)
+
+
 def fail(prog: str, message) -> None:
     """Prints `prog: error: message` on one line and exits with code 2."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)

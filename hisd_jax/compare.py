@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from hisd_jax import cli
 from hisd_jax import config as config_lib
 from hisd_jax import jsonio, parallel, provenance
+from hisd_jax import sweep as sweep_lib
 
 FLAGS = flags.FLAGS
 
@@ -79,6 +80,14 @@ def load_results(path: str) -> dict | None:
         return json.load(f)
 
 
+def trained_accuracy(result: dict, run: str, task: str, exit_name: str, last_only=()):
+    """Test accuracy of `run` at `exit_name` from its results, or None where it has no such
+    exit or (a run in `last_only`, a dedicated model) where that exit's head was not trained."""
+    if run in last_only and exit_name != list(result["exits"])[-1]:
+        return None
+    return result["test"][task].get(exit_name, {}).get("accuracy")
+
+
 def comparison_table(
     results: dict[str, dict], task: str, last_only=()
 ) -> tuple[list[str], list[list[str]]]:
@@ -91,9 +100,7 @@ def comparison_table(
     for name, cost in reference["exits"].items():
         row = [name, f"{cost['flops'] / 1e6:.2f}M", f"{cost['fraction']:.3f}"]
         for run, r in results.items():
-            acc = r["test"][task].get(name, {}).get("accuracy")
-            if run in last_only and name != list(r["exits"])[-1]:
-                acc = None
+            acc = trained_accuracy(r, run, task, name, last_only)
             row.append("" if acc is None else f"{100 * acc:.2f}")
         rows.append(row)
     return header, rows
@@ -324,9 +331,9 @@ def parse_seeds(values) -> list[int]:
 
 def mean_se(values) -> tuple[float, float, float]:
     """(mean, sample std (ddof 1; 0 for one value), standard error of the mean)."""
-    v = np.asarray(values, np.float64)
-    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    return float(v.mean()), std, std / math.sqrt(v.size)
+    stats = sweep_lib.mean_std(values)
+    std = stats["std"] or 0.0
+    return stats["mean"], std, std / math.sqrt(stats["n"])
 
 
 def differs(a, b) -> tuple[float, float]:
@@ -349,19 +356,17 @@ def _accuracies(per_seed: dict, run: str, task: str, exit_name: str) -> list[flo
     for a dedicated model, where it is not its trained exit)."""
     out = []
     for r in per_seed.values():
-        results = r["results"].get(run, {})
-        if run in r.get("last_only", ()) and exit_name != list(results["exits"])[-1]:
+        if run not in r["results"]:
             return None
-        m = results.get("test", {}).get(task, {}).get(exit_name)
-        if m is None:
+        acc = trained_accuracy(r["results"][run], run, task, exit_name, r.get("last_only", ()))
+        if acc is None:
             return None
-        out.append(100 * m["accuracy"])
+        out.append(100 * acc)
     return out
 
 
-def _cell(values) -> str:
-    mean, std, _ = mean_se(values)
-    return f"{mean:.2f} ± {std:.2f}"
+def _cell(values, digits: int = 2) -> str:
+    return sweep_lib.format_mean_std(sweep_lib.mean_std(values), digits=digits)
 
 
 def verdicts(config, per_seed: dict, task: str) -> list[dict]:
@@ -410,7 +415,7 @@ def verdicts(config, per_seed: dict, task: str) -> list[dict]:
             "of the final exit's test accuracy at a fraction of the FLOPs",
             "verdict": verdict, "difference": mean - 99, "se": se,
             "evidence": f"accuracy kept {_cell(kept)} % (2 SE = {2 * se:.2f}) at "
-            f"{mean_se(flops)[0]:.3f} ± {mean_se(flops)[1]:.3f} of the full model's FLOPs",
+            f"{_cell(flops, 3)} of the full model's FLOPs",
         })  # fmt: skip
     run = claims.get("middle_exit")
     if run:
@@ -484,10 +489,9 @@ def seeds_summary(config, per_seed: dict) -> dict:
         rates = np.mean([t["exit_rates"] for t in reps], axis=0)
         early[key] = {"accuracy": acc, "final_exit_accuracy": fin, "kept": kept,
                       "avg_flops_fraction": flops, "exit_rates": rates.tolist()}  # fmt: skip
-        mean_f, std_f, _ = mean_se(flops)
         ee_rows.append([
             key.split("/")[0], goal_label(per_seed[seeds[0]]["reports"][key]), _cell(acc),
-            _cell(fin), _cell(kept), f"{mean_f:.3f} ± {std_f:.3f}",
+            _cell(fin), _cell(kept), _cell(flops, 3),
             " / ".join(f"{r:.2f}" for r in rates),
         ])  # fmt: skip
     found = verdicts(config, per_seed, task)

@@ -29,9 +29,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from hisd_jax import cli, config as config_lib
+from hisd_jax import cli
 from hisd_jax import jsonio
-from hisd_jax.errors import WorkdirError
 from hisd_jax.inference import calibration, cascade, policies, thresholds
 from hisd_jax.inference import cost as cost_lib
 from hisd_jax.workdir import load_workdir, split_arrays
@@ -513,12 +512,7 @@ def main(argv):
             measure_speed=FLAGS.speed,
             speed_repeats=FLAGS.speed_repeats,
         )
-    except (
-        OSError,
-        ValueError,
-        config_lib.ConfigError,
-        WorkdirError,
-    ) as e:  # no workdir, unknown --task, ...
+    except cli.user_errors() as e:  # no workdir, unknown --task, a damaged workdir, ...
         cli.fail(PROG, e)
     print(format_report(report))
     print(f"\nwrote {os.path.join(FLAGS.workdir, 'early_exit.json')} and {report['plot']}")

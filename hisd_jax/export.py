@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hisd_jax import cli, config as config_lib
+from hisd_jax import cli
 from hisd_jax import jsonio
-from hisd_jax.errors import WorkdirError
 from hisd_jax.inference import cascade
 from hisd_jax.inference import cost as cost_lib
 from hisd_jax.models import build_model, labels, model_section
@@ -302,12 +301,7 @@ def main(argv):
         if FLAGS.report:
             report = exit_report(FLAGS.workdir, FLAGS.batch_size, exp=exp, variables=variables)
             print(format_exit_report(report))
-    except (
-        OSError,
-        ValueError,
-        config_lib.ConfigError,
-        WorkdirError,
-    ) as e:  # no workdir, unknown --exit, ...
+    except cli.user_errors() as e:  # no workdir, unknown --exit, a damaged workdir, ...
         cli.fail(PROG, e)
 
 

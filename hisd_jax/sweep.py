@@ -230,7 +230,8 @@ def execute(runs, workdir: str, train: bool = True) -> dict:
     return outcomes
 
 
-def _stats(values) -> dict:
+def mean_std(values) -> dict:
+    """{"mean", "std" (sample, ddof 1; None for one value), "n"} of `values`."""
     v = np.asarray(values, np.float64)
     return {
         "mean": float(v.mean()),
@@ -291,11 +292,11 @@ def summarise(config, runs, outcomes, specs, workdir: str) -> dict:
         if not done:
             continue
         row["metrics"] = {
-            s.name: {m: _stats([e["metrics"][s.name][m] for e in done]) for m in s.metrics}
+            s.name: {m: mean_std([e["metrics"][s.name][m] for e in done]) for m in s.metrics}
             for s in specs
         }
-        row["delta_m"] = _stats([e["delta_m"] for e in done])
-        row["wall_time_s"] = _stats([t for e in done for t in e["wall_time_s"]])
+        row["delta_m"] = mean_std([e["delta_m"] for e in done])
+        row["wall_time_s"] = mean_std([t for e in done for t in e["wall_time_s"]])
     best = best_standard_row(rows)
     for row in rows.values():
         if best is not None and "metrics" in row:
@@ -328,7 +329,8 @@ def best_standard_row(rows: dict) -> str | None:
     return max(standard, key=lambda label: rows[label]["delta_m"]["mean"], default=None)
 
 
-def _cell(stats, scale=1.0, digits=2) -> str:
+def format_mean_std(stats, scale=1.0, digits=2) -> str:
+    """`mean_std`'s result as "mean ± std" (just "mean" for one value), scaled."""
     text = f"{scale * stats['mean']:.{digits}f}"
     return text if stats["std"] is None else f"{text} ± {scale * stats['std']:.{digits}f}"
 
@@ -352,9 +354,11 @@ def markdown(summary: dict) -> str:
                 for m in s["metrics"]:
                     pct = m == "accuracy"
                     cells.append(
-                        _cell(row["metrics"][s["name"]][m], 100 if pct else 1, 2 if pct else 4)
+                        format_mean_std(
+                            row["metrics"][s["name"]][m], 100 if pct else 1, 2 if pct else 4
+                        )
                     )
-            cells += [_cell(row["delta_m"])] + ([f"{row['vs_best']:.2f}"] if best else [])
+            cells += [format_mean_std(row["delta_m"])] + ([f"{row['vs_best']:.2f}"] if best else [])
             cells += [
                 f"{row['wall_time_s']['mean']:.0f}",
                 f"{len(row['seeds'])}/{len(summary['seeds'])}",
