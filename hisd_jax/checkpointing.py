@@ -19,6 +19,7 @@ import gc
 import inspect
 import logging as std_logging
 import sys
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -179,7 +180,9 @@ def quiet_failed_reads():
     try:
         yield
     finally:
-        gc.collect()  # the failed reads' coroutines are reported when collected: here
+        with warnings.catch_warnings():  # "coroutine ... was never awaited", the same echo
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()  # the failed reads' coroutines are reported when collected: here
         sys.unraisablehook = hook
         log.setLevel(level)
 

@@ -242,7 +242,8 @@ class Loop:
             state, data_state = restore(self.exp, self.workdir, self.ckpt, state)
             self.iterator.set_state(data_state)
             resumed = int(state.step)
-            logging.info("Resumed from step %d in %s", resumed, self.workdir)
+            # a warning: shown by every command (they log warnings only), so a rerun says so
+            logging.warning("Resumed from step %d in %s", resumed, self.workdir)
         self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=resumed)
         changes = check_workdir_config(self.workdir, self.exp.config)
         if changes and resumed is not None:  # a resume with a new lr, grad_clip or momentum
@@ -363,7 +364,9 @@ def restore(
         except Exception as e:  # noqa: BLE001 - any failure to read a step (TensorStore raises
             # plain Exception for undecodable bytes): try the one before; all failing is an error
             # that lists every reason
-            problems.append(f"step {step}: {' '.join(str(e).split())[:300]}")
+            # TensorStore appends a dump of its spec ("See full TensorStore details: ..."): cut
+            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())
+            problems.append(f"step {step}: {reason[:300]}")
             logging.warning("Checkpoint %d in %s cannot be restored (%s)", step, workdir,
                             problems[-1].split(": ", 1)[1])  # fmt: skip
             continue

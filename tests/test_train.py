@@ -267,13 +267,18 @@ def test_learning_happens(run):
 
 
 # --------------------------------------------------------------------------- resume
-def test_resume_of_a_finished_run_trains_nothing(run, tmp_path):
+def test_resume_of_a_finished_run_trains_nothing(run, tmp_path, caplog):
     config, workdir, results, _ = run
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     train_lines = sum(e["split"] == "train" for e in read_jsonl(copy))
     # log_every may change between a run and its resumption.
     again = train.train_and_evaluate(tiny_config(train__log_every=5), copy)
+    # Said at warning level: the commands show warnings only, and a rerun must say it resumed.
+    assert any(
+        r.levelno == logging.WARNING and r.getMessage().startswith("Resumed from step 40")
+        for r in caplog.records
+    )
     assert again["train"]["resumed_from"] == config.train.steps
     assert again["train"]["steps_per_s"] is None
     for split in ("val", "test"):
@@ -576,6 +581,7 @@ def test_every_kind_of_damaged_state_restores_the_newest_good_one(run, tmp_path,
         if step == 20:  # one line says which step is used instead; every line is short
             assert any("Using checkpoint step 20" in r.getMessage() for r in caplog.records)
             assert all(len(r.getMessage()) < 600 for r in caplog.records), kind
+            assert not any("TensorStore details" in r.getMessage() for r in caplog.records)
         held.append(kind)
     for kind, content in CONFIG_DAMAGE.items():
         copy = str(tmp_path / kind.replace(" ", "_").replace(".", "_"))
