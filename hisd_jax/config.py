@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4  # attention heads (model.width must be a multiple)
     c.model.mlp_ratio = 4  # MLP width = mlp_ratio * width
     c.model.pool = "mean"  # exit pooling: "mean" over real tokens or "cls"
-    c.model.embed_dim = 0  # width of each exit's retrieval embedding (0: the pooled features)
+    c.model.embed_dim = 0  # width of a retrieval task's embedding at each exit (0: model.width)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.preset = "hisd"  # one of objectives.hisd.PRESETS
@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.hier = ml_collections.FieldReference(None, field_type=float)
     c.objective.feat = ml_collections.FieldReference(None, field_type=float)
     c.objective.temperature = ml_collections.FieldReference(None, field_type=float)
+    # retrieval tasks: tau of the in-batch similarities q d^T / tau (objectives/retrieval.py)
+    c.objective.similarity_temperature = 0.05
 
     c.mtl = ml_collections.ConfigDict()
     c.mtl.method = "ew"  # how task losses/gradients combine: one of mtl.strategy.STRATEGIES
@@ -334,6 +336,7 @@ def _validate_objective(config) -> None:
             _positive(f"objective.{field}", o[field], allow_zero=True)
     if o.temperature is not None:
         _positive("objective.temperature", o.temperature)
+    _positive("objective.similarity_temperature", o.similarity_temperature)
     if o.ce is not None and not config.model.task_exits:
         numbers = isinstance(o.ce, (tuple, list)) and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)

@@ -11,7 +11,8 @@
   make_train_step(exp)   the standard program's jitted step (state, sums, batch)
   jit_unit(...)          jit a unit of work (state, sums, *args) with the loop's shardings and
                          donated state and metric sums
-  make_eval_step / evaluate      metric sums of every (task, exit) over a split
+  make_eval_step / evaluate      metrics of every (task, exit) over a split (additive sums, or
+                         a metric of the whole split's predictions: retrieval MRR)
   make_predict_step / predict    per-example outputs of every (task, exit), by `position`
 
 Every function here is pure (or builds a jitted pure function); the loop (loop.py) and the
@@ -21,7 +22,6 @@ programs (programs/) own the host-side control flow.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax
 import jax
@@ -252,19 +252,26 @@ def _jit_inference(exp: Experiment, fn: Callable):
 
 
 def make_eval_step(exp: Experiment):
-    """Jitted (params, batch_stats, batch) -> {task: {exit: sums}} for one batch."""
+    """Jitted (params, batch_stats, batch) -> {"sums": {task: {exit: sums}}, "rows": {task:
+    [B, E_t, ...] predictions}, "position": [B], "mask": [B]} for one batch: additive sums for
+    the tasks whose kind has `eval_sums`, per-example predictions for those whose metric needs
+    the whole split (`TaskKind.split_metrics`: retrieval)."""
 
     def eval_fn(params, batch_stats, batch):
         x = batch[exp.dataset.input_key]
         outputs = exp.model.apply({"params": params, "batch_stats": batch_stats}, x)
-        result = {}
+        sums, rows = {}, {}
         for task in exp.tasks:
+            kind, per_exit = task.task_kind, outputs["logits"][task.name]
+            if kind.split_metrics is not None:
+                rows[task.name] = jnp.stack([kind.predict(z, 1.0) for z in per_exit], axis=1)
+                continue
             names = [exp.exit_names[e] for e in task.exits]
-            result[task.name] = {
-                name: task.task_kind.eval_sums(z, batch[task.label_key], batch["mask"])
-                for name, z in zip(names, outputs["logits"][task.name], strict=True)
+            sums[task.name] = {
+                name: kind.eval_sums(z, batch[task.label_key], batch["mask"])
+                for name, z in zip(names, per_exit, strict=True)
             }
-        return result
+        return {"sums": sums, "rows": rows, "position": batch["position"], "mask": batch["mask"]}
 
     return _jit_inference(exp, eval_fn)
 
@@ -288,12 +295,39 @@ def evaluate(exp: Experiment, state: TrainState, split: str, eval_step=None) -> 
     # Summed on the host: every batch's sums are replicated (each process holds them), and an
     # eager jnp.add of global arrays is one more multi-process computation per batch, which
     # deadlocked gloo jobs under load (the stacks of both processes stopped in it).
-    per_batch = [eval_step(state.params, state.batch_stats, b) for b in global_batches(exp, split)]
-    totals = jax.tree.map(lambda *xs: np.sum(np.stack(xs), axis=0), *jax.device_get(per_batch))
-    return {
+    per_batch = jax.device_get(
+        [eval_step(state.params, state.batch_stats, b) for b in global_batches(exp, split)]
+    )
+    totals = jax.tree.map(lambda *xs: np.sum(np.stack(xs), axis=0), *[b["sums"] for b in per_batch])
+    result = {
         task: {name: finalize_sums(s) for name, s in per_exit.items()}
         for task, per_exit in totals.items()
     }
+    if per_batch and per_batch[0]["rows"]:
+        n = len(exp.dataset.splits[split])
+        for task in exp.tasks:
+            if task.name not in per_batch[0]["rows"]:
+                continue
+            rows = _by_position([(b["rows"][task.name], b) for b in per_batch], n, split)
+            names = [exp.exit_names[e] for e in task.exits]
+            result[task.name] = task.task_kind.split_metrics(rows, names)
+    return {t: result[t] for t in exp.task_names}
+
+
+def _by_position(batches, n: int, split: str) -> np.ndarray:
+    """Rows [n, ...] from (rows [B, ...], batch with "position" and "mask") pairs: row i is the
+    example at position i; RuntimeError if a position is missed."""
+    out, seen = None, np.zeros(n, bool)
+    for rows, batch in batches:
+        real = batch["mask"] > 0
+        positions = batch["position"][real]
+        if out is None:
+            out = np.zeros((n, *rows.shape[1:]), rows.dtype)
+        out[positions] = rows[real]
+        seen[positions] = True
+    if not seen.all():
+        raise RuntimeError(f"a pass over {split!r} missed {int((~seen).sum())} positions")
+    return out
 
 
 def make_predict_step(exp: Experiment, temperature: float = 1.0):
@@ -326,17 +360,9 @@ def predict(exp: Experiment, params, batch_stats, split: str, predict_step=None)
     """
     predict_step = predict_step or make_predict_step(exp)
     n = len(exp.dataset.splits[split])
-    out: dict[str, Any] = {}
-    seen = np.zeros(n, bool)
-    for batch in global_batches(exp, split):
-        rows = jax.device_get(predict_step(params, batch_stats, batch))
-        real = rows["mask"] > 0
-        positions = rows["position"][real]
-        for task in exp.task_names:
-            if task not in out:
-                out[task] = np.zeros((n, *rows[task].shape[1:]), rows[task].dtype)
-            out[task][positions] = rows[task][real]
-        seen[positions] = True
-    if not seen.all():
-        raise RuntimeError(f"predict over {split!r} missed {int((~seen).sum())} positions")
-    return out
+    per_batch = [
+        jax.device_get(predict_step(params, batch_stats, b)) for b in global_batches(exp, split)
+    ]
+    return {
+        task: _by_position([(b[task], b) for b in per_batch], n, split) for task in exp.task_names
+    }

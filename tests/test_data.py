@@ -38,11 +38,12 @@ def everything(source):
 
 def test_registry():
     assert DATASETS == (
-        "digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist", "pycode"
+        "digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist", "pycode",
+        "pycode_search",
     )  # fmt: skip
     message = (
         r"^data.name='x' is not one of digits, multidigits, mnist, cifar10, cifar100, "
-        r"multimnist, pycode$"
+        r"multimnist, pycode, pycode_search$"
     )
     with pytest.raises(ValueError, match=message):
         get_dataset("x")

@@ -355,17 +355,19 @@ def test_labels_classify_like_the_former_name_matching(config_file):
     if config.data.name in ("digits", "multidigits"):  # embedded: the real tasks
         dataset = data_lib.get_dataset(config.data.name, **config.data.kwargs)
         dataset_tasks = dataset.tasks
-    elif config.data.name == "pycode":  # its shape and tasks, without building the corpus
+    elif config.data.name.startswith("pycode"):  # shape and tasks, without building the corpus
         from hisd_jax.data import pycode  # noqa: PLC0415
 
         dataset_tasks = {
+            "search": data_lib.TaskInfo("search", "retrieval", 0, "index"),
             "package": data_lib.TaskInfo(
                 "package", "classification", len(pycode.PACKAGE_CLASSES), "package"
             ),
             "returns": data_lib.TaskInfo("returns", "classification", 2, "returns"),
         }
         kw = config.data.kwargs
-        dataset = data_lib.Dataset("pycode", {}, (kw["max_len"],), dataset_tasks, "tokens",
+        shape = (2, kw["max_len"]) if config.data.name == "pycode_search" else (kw["max_len"],)
+        dataset = data_lib.Dataset(config.data.name, {}, shape, dataset_tasks, "tokens",
                                    "int32", kw["vocab_size"])  # fmt: skip
     else:  # TFDS (not downloaded here): its tasks are 10-class digits
         dataset_tasks = {

@@ -7,7 +7,9 @@ shape and the tasks it offers. `get_dataset(name, seed=..., **kwargs)` builds on
   multidigits  two digits on a 12x12 canvas, MultiMNIST-style; left/right/sum/... (embedded.py)
   mnist, cifar10, cifar100, multimnist   TFDS via `tfds.data_source` + grain (tfds_sources.py)
   pycode       functions of the installed Python sources as token ids; tasks package, returns
-               (pycode.py; the code-search pairs are built there too)
+               (pycode.py)
+  pycode_search  the same corpus as (query, code) pairs [2, L]: task search (retrieval, MRR)
+               and package, returns of the code
 
 Batches are dicts of numpy arrays: 'image' float32 [n, H, W, C], 'index' int32 [n] (a stable
 example id: see each builder), every task's `label_key` (int32 class ids or float32 targets) and
@@ -58,9 +60,9 @@ class TaskInfo:
     """One prediction task of a dataset."""
 
     name: str  # e.g. "label", "left", "right", "sum"
-    kind: str  # "classification" | "regression"
-    num_classes: int  # 0 for regression
-    label_key: str  # key of the target in the batch dict
+    kind: str  # "classification" | "regression" | "retrieval"
+    num_classes: int  # 0 for regression and retrieval
+    label_key: str  # key of the target in the batch dict (retrieval: unused, "index")
 
 
 class Source(Protocol):
@@ -94,6 +96,7 @@ _BUILDERS = {
     "cifar100": ("tfds_sources", "cifar100"),
     "multimnist": ("tfds_sources", "multimnist"),
     "pycode": ("pycode", "pycode"),
+    "pycode_search": ("pycode", "pycode_search"),
 }
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -126,6 +129,8 @@ def check_labels(dataset: Dataset) -> None:
         if not hasattr(source, "label_array"):
             continue
         for task in dataset.tasks.values():
+            if task.kind == "retrieval":  # no labels: the pair is the target
+                continue
             labels = np.asarray(source.label_array(task.label_key))
             where = f"data set {dataset.name!r}, split {split!r}, task {task.name!r}"
             if task.kind == "classification":

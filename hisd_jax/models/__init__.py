@@ -54,6 +54,12 @@ def build_model(model_cfg, tasks, cut_at=None, dataset=None):
         model_cfg.name, model_cfg.width, model_cfg.get("stage_sizes"), model_cfg.get("strides")
     )
     cut = model_cfg.get("cut_at") if cut_at is None else cut_at
+    retrieval = tuple(t.name for t in tasks if t.kind == "retrieval")
+    if retrieval and model_cfg.name != "transformer":
+        raise ValueError(
+            f"retrieval task {retrieval[0]!r} needs model.name='transformer' (an encoder of "
+            f"token pairs), not {model_cfg.name!r}"
+        )
     if model_cfg.name == "transformer":
         if dataset is None or not dataset.vocab_size:
             raise ValueError(
@@ -63,7 +69,7 @@ def build_model(model_cfg, tasks, cut_at=None, dataset=None):
         width = model_cfg.width
         return TransformerExitNet(
             vocab_size=dataset.vocab_size,
-            max_len=dataset.image_shape[0],
+            max_len=dataset.image_shape[-1],
             width=width,
             num_heads=model_cfg.num_heads,
             mlp_dim=model_cfg.mlp_ratio * width,
@@ -71,6 +77,7 @@ def build_model(model_cfg, tasks, cut_at=None, dataset=None):
             tasks=task_outputs(tasks),
             pool=model_cfg.pool,
             embed_dim=model_cfg.embed_dim,
+            retrieval_tasks=retrieval,
             cut_at=cut,
             dtype=DTYPES[model_cfg.dtype],
         )

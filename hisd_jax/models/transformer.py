@@ -4,18 +4,21 @@
 `run_segment` / `run_head`, `trunk` / `apply_heads`, `cut_at`, `param_labels`), so the
 per-exit costs, early exit and export machinery apply to it as to the CNNs.
 
-  input     tokens int32 [B, L]; id 0 is padding (`data.pycode.PAD_ID`), masked out of every
-            attention and every pooling; position 0 is expected to hold [CLS] for `pool="cls"`.
+  input     tokens int32 [B, L], or pairs [B, 2, L] (query, document: a retrieval data set);
+            id 0 is padding (`data.pycode.PAD_ID`), masked out of every attention and every
+            pooling; position 0 is expected to hold [CLS] for `pool="cls"`.
   segment 0 token embedding + learned position embedding, then layers 1..exit_after[0];
-  segment i the layers exit_after[i-1]+1 .. exit_after[i]. A segment maps {"h" [B, L, W],
-            "mask" bool [B, L]} to the same (segment 0 takes the tokens).
+  segment i the layers exit_after[i-1]+1 .. exit_after[i]. A segment maps {"h" [..., L, W],
+            "mask" bool [..., L]} to the same (segment 0 takes the tokens); the leading axes
+            are [B] or [B, 2], every sequence encoded alone.
   layer     pre-LN: h + MHA(LN(h)), then h + MLP(LN(h)) (GELU); attention by
             `jax.nn.dot_product_attention` with the padding mask on the keys; bidirectional.
-  exit head LN, then pooling (masked mean over real tokens, or the [CLS] position) to
-            "features" [B, W]; "embedding" [B, D]: an optional Dense to `embed_dim`, then L2
-            normalisation (the retrieval embedding); per task a Dense on the features
-            ("logits"); and, when asked, the projection P_e to the final exit's width (HiSD's
-            feature alignment).
+  exit head LN, then pooling (masked mean over real tokens, or the [CLS] position) to pooled
+            features [..., W]. "features" [B, W] (of the document of a pair); per
+            classification task a Dense on them ("logits" [B, C]); per retrieval task an
+            L2-normalised Dense to `embed_dim` of every sequence ("logits" [B, 2, D] for pairs,
+            [B, D] for single sequences); and, when asked, the projection P_e to the final
+            exit's width (HiSD's feature alignment of classification tasks).
 
 Vaswani et al. 2017 (the encoder); Xiong et al. 2020 (pre-LN); the exits and pooling follow
 MoSE (arXiv 2503.03008: exits after chosen layers, mean-pooled, L2-normalised embeddings).
@@ -77,66 +80,68 @@ class EncoderSegment(nn.Module):
         del train  # no dropout or batch statistics
         if self.vocab_size is not None:
             tokens = x
-            if tokens.shape[1] > self.max_len:
+            if tokens.shape[-1] > self.max_len:
                 raise ValueError(
-                    f"sequences of {tokens.shape[1]} tokens exceed model.max_len={self.max_len}"
+                    f"sequences of {tokens.shape[-1]} tokens exceed model.max_len={self.max_len}"
                 )
+            length = tokens.shape[-1]
             h = nn.Embed(self.vocab_size, self.width, name="tokens")(tokens)
-            pos = nn.Embed(self.max_len, self.width, name="positions")(jnp.arange(tokens.shape[1]))
-            x = {"h": (h + pos[None]).astype(self.dtype), "mask": tokens != 0}
-        h = x["h"]
+            pos = nn.Embed(self.max_len, self.width, name="positions")(jnp.arange(length))
+            x = {"h": (h + pos).astype(self.dtype), "mask": tokens != 0}
+        shape = x["h"].shape  # [..., L, W]: every sequence (each side of a pair) alone
+        h = x["h"].reshape(-1, *shape[-2:])
+        mask = x["mask"].reshape(-1, shape[-2])
         for i in range(self.num_layers):
-            h = EncoderLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer{i}")(
-                h, x["mask"]
-            )
-        return {"h": h, "mask": x["mask"]}
+            h = EncoderLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer{i}")(h, mask)
+        return {"h": h.reshape(shape), "mask": x["mask"]}
 
 
 def masked_mean_pool(h, mask):
-    """Mean of `h` [B, L, W] over the positions where `mask` [B, L] holds; [B, W] (0 for a row
-    without any real token)."""
+    """Mean of `h` [..., L, W] over the positions where `mask` [..., L] holds; [..., W] (0 for
+    a sequence without any real token)."""
     m = mask.astype(h.dtype)[..., None]
-    return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return jnp.sum(h * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
 
 
 class EncoderExitHead(nn.Module):
-    """One exit of the encoder: pooled features, the retrieval embedding, task logits."""
+    """One exit of the encoder: pooled features, task logits, retrieval embeddings."""
 
     tasks: Sequence[tuple[str, int]]
     pool: str = "mean"
-    embed_dim: int = 0  # 0: the embedding is the normalised features themselves
+    embed_dim: int = 0  # a retrieval task's embedding width (0: the model width)
     proj_dim: int | None = None
+    retrieval_tasks: Sequence[str] = ()
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, project: bool = False):
         h = nn.LayerNorm(dtype=self.dtype, name="ln")(x["h"])
         if self.pool == "cls":
-            pooled = h[:, 0]
+            pooled = h[..., 0, :]
         else:
             pooled = masked_mean_pool(h, x["mask"])
-        pooled = pooled.astype(jnp.float32)
-        e = pooled
-        if self.embed_dim:
-            e = nn.Dense(self.embed_dim, dtype=self.dtype, name="embed")(pooled)
-        out = {
-            "features": pooled,
-            "embedding": l2_normalize(e.astype(jnp.float32)),
-            "logits": {
-                name: nn.Dense(n, dtype=self.dtype, name=f"out_{name}")(pooled).astype(jnp.float32)
-                for name, n in self.tasks
-            },
-        }
+        pooled = pooled.astype(jnp.float32)  # [B, W] or, for pairs, [B, 2, W]
+        paired = x["mask"].ndim == 3
+        document = pooled[:, -1] if paired else pooled
+        logits = {}
+        for name, n in self.tasks:
+            if name in self.retrieval_tasks:
+                z = nn.Dense(self.embed_dim or pooled.shape[-1], dtype=self.dtype,
+                             name=f"out_{name}")(pooled)  # fmt: skip
+                logits[name] = l2_normalize(z.astype(jnp.float32))
+            else:
+                logits[name] = nn.Dense(n, dtype=self.dtype, name=f"out_{name}")(document).astype(
+                    jnp.float32
+                )
+        out = {"features": document, "logits": logits}
         if self.proj_dim is not None and (project or self.is_initializing()):
             out["projected"] = nn.Dense(self.proj_dim, dtype=self.dtype, name="proj")(
-                pooled
+                document
             ).astype(jnp.float32)
         return out
 
     def param_labels(self, params, exit_index: int) -> dict:
         out = {"ln": labels.exit_shared(exit_index)}
-        if self.embed_dim:
-            out["embed"] = labels.exit_shared(exit_index)
         for name, _ in self.tasks:
             out[f"out_{name}"] = labels.task_head(name, exit_index)
         if "proj" in params:
@@ -150,12 +155,14 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
     Attributes:
       vocab_size, max_len: token vocabulary and longest sequence (learned positions).
       width, num_heads, mlp_dim: the layers' sizes; `exit_after` (sorted layer counts, the last
-        one the depth) places the exits. `tasks` ((name, outputs), ...) get a classifier at
-        every exit; `pool`, `embed_dim` shape the exit embedding; `cut_at` keeps exits 0..cut_at.
+        one the depth) places the exits. `tasks` ((name, outputs), ...) get a head at every
+        exit: a classifier, or for the names in `retrieval_tasks` an L2-normalised embedding of
+        width `embed_dim` (0: `width`); `pool` picks the exit pooling; `cut_at` keeps exits
+        0..cut_at.
 
-    `__call__(tokens)` returns {"embedding": [E x [B, D]], "features": [E x [B, W]],
-    "logits": {task: [E x [B, C]]}} and, with `project` (or at init), "projected": the first
-    E-1 exits' features mapped to the final exit's width.
+    `__call__(tokens)` returns {"features": [E x [B, W]], "logits": {task: [E x [B, C]] or,
+    for a retrieval task, [E x [B, 2, D]] (pairs) / [E x [B, D]]}} and, with `project` (or at
+    init), "projected": the first E-1 exits' features mapped to the final exit's width.
     """
 
     vocab_size: int
@@ -167,6 +174,7 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
     tasks: Sequence[tuple[str, int]] = ()
     pool: str = "mean"
     embed_dim: int = 0
+    retrieval_tasks: Sequence[str] = ()
     cut_at: int | None = None
     dtype: jnp.dtype = jnp.float32
 
@@ -197,7 +205,7 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
         """EncoderExitHead's fields at exit i (every exit but the last projects to the width)."""
         last = i == self.num_exits - 1
         return (tuple(self.tasks), self.pool, self.embed_dim, None if last else self.width,
-                self.dtype)  # fmt: skip
+                tuple(self.retrieval_tasks), self.dtype)  # fmt: skip
 
     def __call__(self, tokens, train: bool = False, project: bool = False):
         return self.apply_heads(self.trunk(tokens, train), project)
@@ -205,7 +213,6 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
     def apply_heads(self, features, project: bool = False) -> dict:
         outs = [head(f, project=project) for head, f in zip(self.heads, features)]
         result = {
-            "embedding": [o["embedding"] for o in outs],
             "features": [o["features"] for o in outs],
             "logits": {name: [o["logits"][name] for o in outs] for name, _ in self.tasks},
         }

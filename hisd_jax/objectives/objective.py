@@ -4,7 +4,9 @@
 `task_losses(outputs, batch, ctx) -> (losses {task: scalar}, metrics)`. Each task's loss is its
 kind's (`kinds.py`): a classification task gets the HiSD loss over its exits (presets:
 final_only, sdn, byot, mose, hisd); a regression task gets the same per-exit weights on the
-squared error. `ctx` (`steps.LossContext`) supplies the training progress (the SDN ramp) and,
+squared error; a retrieval task the HiSD loss over in-batch InfoNCE of its exits' embeddings
+(`retrieval.retrieval_loss`, temperature `objective.similarity_temperature`). `ctx`
+(`steps.LossContext`) supplies the training progress (the SDN ramp) and,
 per task, soft targets with their mixing weight (KD from converged tasks); a task without soft
 targets trains on its labels. How per-task losses become one update is the MTL strategy's job.
 """
@@ -93,6 +95,7 @@ def build_objective(obj_cfg, tasks, depths) -> Objective:
                 final_features=outputs["features"][e[-1]] if feat else None,
                 soft=soft,
                 soft_weight=None if soft is None else ctx.soft_weight[i],
+                similarity_temperature=obj_cfg.similarity_temperature,
             )
             losses[task.name] = loss
             metrics.update({f"{task.name}/{k}": v for k, v in _named_terms(terms, e).items()})

@@ -301,6 +301,12 @@ def _checked_config(exp, sequential: bool):
         )
     _check_fields(cfg)
     names = exp.task_names
+    for task in exp.tasks:
+        if task.task_kind.soft_table is None:
+            raise ConfigError(
+                f"program.name={cfg.name!r}: task {task.name!r} is {task.kind}, which has no soft "
+                "labels; KD from converged tasks takes classification and regression tasks"
+            )
     if cfg.order and sorted(cfg.order) != sorted(names):
         raise ConfigError(
             f"program.order={tuple(cfg.order)} must list each of data.tasks={names} once"
