@@ -39,11 +39,11 @@ def everything(source):
 def test_registry():
     assert DATASETS == (
         "digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist", "pycode",
-        "pycode_search",
+        "pycode_search", "glue",
     )  # fmt: skip
     message = (
         r"^data.name='x' is not one of digits, multidigits, mnist, cifar10, cifar100, "
-        r"multimnist, pycode, pycode_search$"
+        r"multimnist, pycode, pycode_search, glue$"
     )
     with pytest.raises(ValueError, match=message):
         get_dataset("x")

@@ -369,6 +369,11 @@ def test_labels_classify_like_the_former_name_matching(config_file):
         shape = (2, kw["max_len"]) if config.data.name == "pycode_search" else (kw["max_len"],)
         dataset = data_lib.Dataset(config.data.name, {}, shape, dataset_tasks, "tokens",
                                    "int32", kw["vocab_size"])  # fmt: skip
+    elif config.data.name == "glue":  # TFDS text (not downloaded here): its shape and task
+        kw = config.data.kwargs
+        dataset_tasks = {"label": data_lib.TaskInfo("label", "classification", 2, "label")}
+        dataset = data_lib.Dataset("glue", {}, (kw["max_len"],), dataset_tasks, "tokens",
+                                   "int32", kw["vocab_size"])  # fmt: skip
     else:  # TFDS (not downloaded here): its tasks are 10-class digits
         dataset_tasks = {
             name: data_lib.TaskInfo(name, "classification", 10, name) for name in config.data.tasks

@@ -1,6 +1,7 @@
 """TFDS-backed datasets, exercised only under `tfds.testing.mock_data` (nothing is downloaded)."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -166,3 +167,69 @@ def test_alphavil_trains_on_multimnist(mock, tmp_path, budget):
     assert results["train"]["steps_taken"] == 3 * av["epochs"]
     assert set(results["test"]) == {"left", "right"}
     assert all(np.isfinite(w) and 0.0 <= w <= 3.0 for w in av["weights"].values())
+
+
+# --------------------------------------------------------------------------- GLUE (text)
+def glue_records(config, split):
+    import tensorflow_datasets.text.glue  # noqa: F401, PLC0415
+
+    return raw_records(f"glue/{config}", split)
+
+
+def test_glue_single_sentences_tokenized_with_a_tokenizer_of_the_training_split(mock, tmp_path):
+    from hisd_jax.data import glue  # noqa: PLC0415
+
+    data = get_dataset("glue", config="sst2", cache_dir=str(tmp_path), max_len=48, vocab_size=300)
+    assert data.input_key == "tokens" and data.image_shape == (48,)
+    assert data.tasks["label"].kind == "classification" and data.tasks["label"].num_classes == 2
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 18, "val": 2, "test": 20}
+    check_positions(data.splits["train"], 4)
+    train, test = everything(data.splits["train"]), everything(data.splits["test"])
+    records = {s: glue_records("sst2", s) for s in ("train", "validation")}
+    assert (train["tokens"][:, 0] == glue.CLS_ID).all() and train["tokens"].dtype == np.int32
+    tokenizer = glue._tokenizer(  # the cached one: trained on the 18 training records only
+        tfds.data_source("glue/sst2", split="train", download=False), 0, 18, ("sentence",), 300,
+        "sst2", str(tmp_path),
+    )  # fmt: skip
+    for row, rec in ((train, records["train"]), (test, records["validation"])):
+        for i in range(3):
+            ids = [t for t in row["tokens"][i, 1:] if t != glue.PAD_ID]
+            text = rec[int(row["index"][i])]["sentence"]
+            text = text.decode() if isinstance(text, bytes) else text
+            assert tokenizer.decode(ids).strip() == text.strip()
+            assert row["label"][i] == rec[int(row["index"][i])]["label"]
+    assert list(everything(data.splits["val"])["index"]) == [18, 19]  # the train split's tail
+    assert len(os.listdir(os.path.join(str(tmp_path), "glue"))) == 1  # cached once
+
+
+def test_glue_sentence_pairs_and_the_regression_task(mock, tmp_path):
+    from hisd_jax.data import glue  # noqa: PLC0415
+
+    data = get_dataset("glue", config="mrpc", cache_dir=str(tmp_path), max_len=64, vocab_size=300)
+    row = everything(data.splits["train"])
+    assert ((row["tokens"] == glue.SEP_ID).sum(1) == 1).all()  # one [SEP] between the two
+    stsb = get_dataset("glue", config="stsb", cache_dir=str(tmp_path), max_len=16, vocab_size=300)
+    assert stsb.tasks["label"].kind == "regression"
+    labels = everything(stsb.splits["test"])["label"]
+    want = [r["label"] for r in glue_records("stsb", "validation")]
+    np.testing.assert_allclose(labels, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="data.kwargs.config='sst3' is not one of cola, sst2"):
+        get_dataset("glue", config="sst3", cache_dir=str(tmp_path))
+
+
+def test_the_glue_config_trains_through_the_encoder(mock, tmp_path):
+    """configs/glue.py end to end on mock records (random text: nothing to learn; it runs)."""
+    from conftest import override  # noqa: PLC0415
+
+    from hisd_jax import train  # noqa: PLC0415
+    from hisd_jax.config import config_from_file  # noqa: PLC0415
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "glue.py")
+    config = config_from_file(path, "task=sst2,steps=4,max_len=16")
+    config.unlock()
+    config.data.kwargs.update(cache_dir=str(tmp_path / "cache"), vocab_size=300)
+    override(config, model__width=16, model__stage_sizes=(1, 1), train__batch_size=4,
+             train__eval_every=0, train__checkpoint_every=4, train__progress=False)  # fmt: skip
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert set(results["test"]["label"]) == {"exit0", "exit1"}
+    assert results["train"]["steps_taken"] == 4

@@ -10,6 +10,8 @@ shape and the tasks it offers. `get_dataset(name, seed=..., **kwargs)` builds on
                (pycode.py)
   pycode_search  the same corpus as (query, code) pairs [2, L]: task search (retrieval, MRR)
                and package, returns of the code
+  glue         a GLUE task (data.kwargs.config: sst2, mnli, ...) as token ids, through
+               `tfds.data_source` (glue.py; prepared beforehand, nothing is downloaded)
 
 Batches are dicts of numpy arrays: 'image' float32 [n, H, W, C], 'index' int32 [n] (a stable
 example id: see each builder), every task's `label_key` (int32 class ids or float32 targets) and
@@ -97,6 +99,7 @@ _BUILDERS = {
     "multimnist": ("tfds_sources", "multimnist"),
     "pycode": ("pycode", "pycode"),
     "pycode_search": ("pycode", "pycode_search"),
+    "glue": ("glue", "glue"),
 }
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
