@@ -80,16 +80,28 @@ def load_results(path: str) -> dict | None:
         return json.load(f)
 
 
-def trained_accuracy(result: dict, run: str, task: str, exit_name: str, last_only=()):
-    """Test accuracy of `run` at `exit_name` from its results, or None where it has no such
+# The metric a comparison tabulates: the first of these a run's results hold for the task.
+METRICS = {"accuracy": "accuracy (%)", "mrr": "MRR (x100, 1000 candidates)"}
+
+
+def judged_metric(result: dict, task: str) -> str:
+    """ "accuracy" for a classification task, "mrr" for a retrieval task (from its results)."""
+    held = next(iter(result["test"][task].values()))
+    return next(m for m in METRICS if m in held)
+
+
+def trained_accuracy(
+    result: dict, run: str, task: str, exit_name: str, last_only=(), metric: str = "accuracy"
+):
+    """Test `metric` of `run` at `exit_name` from its results, or None where it has no such
     exit or (a run in `last_only`, a dedicated model) where that exit's head was not trained."""
     if run in last_only and exit_name != list(result["exits"])[-1]:
         return None
-    return result["test"][task].get(exit_name, {}).get("accuracy")
+    return result["test"][task].get(exit_name, {}).get(metric)
 
 
 def comparison_table(
-    results: dict[str, dict], task: str, last_only=()
+    results: dict[str, dict], task: str, last_only=(), metric: str = "accuracy"
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per exit of the deepest model, one column per method; a run in
     `last_only` (a dedicated model: a network cut at an exit, trained on that exit alone) shows
@@ -100,9 +112,21 @@ def comparison_table(
     for name, cost in reference["exits"].items():
         row = [name, f"{cost['flops'] / 1e6:.2f}M", f"{cost['fraction']:.3f}"]
         for run, r in results.items():
-            acc = trained_accuracy(r, run, task, name, last_only)
+            acc = trained_accuracy(r, run, task, name, last_only, metric)
             row.append("" if acc is None else f"{100 * acc:.2f}")
         rows.append(row)
+    return header, rows
+
+
+def cross_exit_rows(result: dict, task: str) -> tuple[list[str], list[list[str]]] | None:
+    """Test MRR (x100) of queries embedded at each exit (rows) against the code embedded at
+    each exit (columns) of one run, or None for a task without cross-exit metrics."""
+    per_exit = result["test"][task]
+    exits = list(per_exit)
+    if f"mrr_docs_{exits[0]}" not in per_exit[exits[0]]:
+        return None
+    header = ["query at / code at", *exits]
+    rows = [[e, *(f"{100 * per_exit[e][f'mrr_docs_{f}']:.2f}" for f in exits)] for e in exits]
     return header, rows
 
 
@@ -184,7 +208,7 @@ def markdown(header, rows) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict], task: str, path: str) -> None:
+def plot(results: dict[str, dict], task: str, path: str, metric: str = "accuracy") -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -193,10 +217,10 @@ def plot(results: dict[str, dict], task: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, r in results.items():
         xs = [c["fraction"] for c in r["exits"].values()]
-        ys = [100 * r["test"][task][e]["accuracy"] for e in r["exits"]]
+        ys = [100 * r["test"][task][e][metric] for e in r["exits"]]
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("FLOPs per example (fraction of the full model)")
-    ax.set_ylabel(f"test accuracy, task '{task}' (%)")
+    ax.set_ylabel(f"test {METRICS[metric]}, task '{task}'")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -248,30 +272,52 @@ def train_runs(configs: dict, workdir: str, only=()) -> tuple[dict, dict]:
     return results, times
 
 
-def tables(results: dict, reports: dict, task: str, last_only=()) -> str:
-    """The deterministic tables of one seed (per-exit accuracy, early-exit operating points) as
-    markdown: what the README shows and `tests/test_results.py` checks."""
-    return (
-        f"Test accuracy (%) per exit, task '{task}'.\n\n"
-        + markdown(*comparison_table(results, task, last_only))
-        + "\n\nEarly exit (max-softmax, per-exit temperatures and thresholds fitted on the "
-        "validation split; test split):\n\n" + markdown(*early_exit_rows(reports)) + "\n"
+def tables(
+    results: dict, reports: dict, task: str, last_only=(), metric="accuracy", cross=None
+) -> str:
+    """The deterministic tables of one seed (per-exit metric; early-exit operating points, or
+    for retrieval the cross-exit MRR of run `cross`) as markdown: what the README shows and
+    `tests/test_results.py` checks."""
+    text = (
+        f"Test {METRICS[metric]} per exit, task '{task}'.\n\n"
+        + markdown(*comparison_table(results, task, last_only, metric))
+        + "\n"
     )
+    if reports:
+        text += (
+            "\nEarly exit (max-softmax, per-exit temperatures and thresholds fitted on the "
+            "validation split; test split):\n\n" + markdown(*early_exit_rows(reports)) + "\n"
+        )
+    table = cross_exit_rows(results[cross], task) if cross in results else None
+    if table:
+        text += (
+            f"\nCross-exit search ({cross}): test MRR (x100) of queries embedded at one exit "
+            "against code embedded at another (the diagonal is each exit's own).\n\n"
+            + markdown(*table)
+            + "\n"
+        )
+    return text
 
 
-def snapshot(results: dict, reports: dict, task: str, last_only=()) -> dict:
+def snapshot(
+    results: dict, reports: dict, task: str, last_only=(), metric="accuracy", cross=None
+) -> dict:
     """What `tables` needs, JSON-ready and small (kept in comparison.json; `hisd_jax.results`
     commits it under results/ so the README's tables can be checked against it)."""
     keep = ("accuracy", "final_exit_accuracy", "avg_flops_fraction", "exit_rates")
+
+    def kept(m: dict) -> dict:  # the metric, and the cross-exit MRRs of a retrieval task
+        return {k: v for k, v in m.items() if k == metric or k.startswith("mrr_docs_")}
+
     return {
         "task": task,
+        "metric": metric,
+        "cross": cross,
         "last_only": sorted(last_only),
         "results": {
             name: {
                 "exits": r["exits"],
-                "test": {
-                    task: {e: {"accuracy": m["accuracy"]} for e, m in r["test"][task].items()}
-                },
+                "test": {task: {e: kept(m) for e, m in r["test"][task].items()}},
                 # what trained it (commit, packages, devices) and how long it took
                 "environment": r.get("environment"),
                 "wall_time_s": r.get("train", {}).get("wall_time_s"),
@@ -287,7 +333,8 @@ def snapshot(results: dict, reports: dict, task: str, last_only=()) -> dict:
 
 def format_snapshot(snap: dict) -> str:
     """`tables` of a `snapshot`: the same text the comparison printed."""
-    return tables(snap["results"], snap["reports"], snap["task"], set(snap["last_only"]))
+    return tables(snap["results"], snap["reports"], snap["task"], set(snap["last_only"]),
+                  snap.get("metric", "accuracy"), snap.get("cross"))  # fmt: skip
 
 
 def compare_one(config, workdir: str, only=()) -> dict:
@@ -296,24 +343,34 @@ def compare_one(config, workdir: str, only=()) -> dict:
     results, times = train_runs(configs, workdir, only)
     task = config.base.data.tasks[0]
     last_only = dedicated_runs(configs)
-    reports = early_exit_reports(
-        {name: os.path.join(workdir, name) for name in results if name not in last_only}
-    )
-    text = tables(results, reports, task, last_only)
-    speed = markdown(*speed_rows(reports))
+    metric = judged_metric(next(iter(results.values())), task)
+    cross = config.get("claims", {}).get("method")
+    reports = {}
+    if metric == "accuracy":  # confidence-based early exit needs class probabilities
+        reports = early_exit_reports(
+            {name: os.path.join(workdir, name) for name in results if name not in last_only}
+        )
+    text = tables(results, reports, task, last_only, metric, cross)
+    speed = markdown(*speed_rows(reports)) if reports else ""
     jsonio.write_text(
         os.path.join(workdir, "comparison.md"),
-        f"{text}\nMeasured cascade speed on this machine (wall-clock, varies):\n\n{speed}\n",
+        text
+        + (
+            f"\nMeasured cascade speed on this machine (wall-clock, varies):\n\n{speed}\n"
+            if speed
+            else ""
+        ),
     )
     summary = {
-        **snapshot(results, reports, task, last_only),
+        **snapshot(results, reports, task, last_only, metric, cross),
         "train_seconds": times,
         "environment": provenance.environment(),
     }
     jsonio.write_json(os.path.join(workdir, "comparison.json"), summary)
-    plot(results, task, os.path.join(workdir, "accuracy_vs_flops.png"))
+    plot(results, task, os.path.join(workdir, f"{metric}_vs_flops.png"), metric)
     return {"table": text, "speed": speed, "results": results, "reports": reports,
-            "last_only": last_only, "train_seconds": times}  # fmt: skip
+            "last_only": last_only, "train_seconds": times, "metric": metric,
+            "cross": cross}  # fmt: skip
 
 
 def parse_seeds(values) -> list[int]:
@@ -352,13 +409,16 @@ def at_least(claim: str, a, b, evidence: str) -> dict:
 
 
 def _accuracies(per_seed: dict, run: str, task: str, exit_name: str) -> list[float] | None:
-    """Test accuracy (%) of `run` at `exit_name` in every seed, or None where it has none (or,
+    """Test accuracy (%, or the seeds' metric x100) of `run` at `exit_name` in every seed, or None where it has none (or,
     for a dedicated model, where it is not its trained exit)."""
     out = []
     for r in per_seed.values():
         if run not in r["results"]:
             return None
-        acc = trained_accuracy(r["results"][run], run, task, exit_name, r.get("last_only", ()))
+        acc = trained_accuracy(
+            r["results"][run], run, task, exit_name, r.get("last_only", ()),
+            r.get("metric", "accuracy"),
+        )  # fmt: skip
         if acc is None:
             return None
         out.append(100 * acc)
@@ -496,14 +556,18 @@ def seeds_summary(config, per_seed: dict) -> dict:
         ])  # fmt: skip
     found = verdicts(config, per_seed, task)
     text = (
-        f"Test accuracy (%) per exit, task '{task}', mean ± std over seeds "
+        f"Test {METRICS[next(iter(per_seed.values())).get('metric', 'accuracy')]} per exit, "
+        f"task '{task}', mean ± std over seeds "
         f"{', '.join(map(str, seeds))}"
         + (f"; † differs from {method} by more than two standard errors" if method else "")
         + ".\n\n"
         + markdown(header, rows)
-        + "\n\nEarly exit (fitted on validation, test split), mean ± std over seeds:\n\n"
-        + markdown(ee_header, ee_rows)
     )
+    if ee_rows:
+        text += (
+            "\n\nEarly exit (fitted on validation, test split), mean ± std over seeds:\n\n"
+            + markdown(ee_header, ee_rows)
+        )
     if found:
         text += (
             "\n\nVerdicts (a claim a >= b is reproduced when mean(a) >= mean(b), not reproduced "
@@ -547,7 +611,9 @@ def compare(config, workdir: str, only=(), seeds=None) -> dict:
             "claims": config.claims.to_dict() if "claims" in config else {},
             "environment": provenance.environment(),
             "per_seed": {
-                str(s): snapshot(o["results"], o["reports"], task, o["last_only"])
+                str(s): snapshot(
+                    o["results"], o["reports"], task, o["last_only"], o["metric"], o["cross"]
+                )  # fmt: skip
                 for s, o in per_seed.items()
             },
         },

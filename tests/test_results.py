@@ -216,3 +216,34 @@ def test_seeds_summary_marks_cells_beyond_two_standard_errors_and_gives_verdicts
         ("reproduced", 6.0),  # mose: exit2 87 ± 2 vs final 81 ± 1, 2 SE = 2.58
     ]
     assert "exit2 vs exit3" in summary["verdicts"][4]["claim"]
+
+
+def test_a_retrieval_comparison_tabulates_mrr_and_the_cross_exit_table():
+    """Hand-made MRRs: the table shows the judged metric x100, a dedicated model only its own
+    exit, no early-exit section (retrieval has no confidence), and the method's cross-exit MRRs
+    (rows: query exit, columns: code exit); the stored snapshot formats to the same text."""
+    exits = {f"exit{e}": {"flops": (e + 1) * 1e6, "fraction": (e + 1) / 2} for e in range(2)}
+
+    def run(mrr, cross=None):
+        test = {}
+        for e, m in enumerate(mrr):
+            test[f"exit{e}"] = {"mrr": m, "candidates": 1000.0}
+            if cross:
+                test[f"exit{e}"].update({f"mrr_docs_exit{f}": cross[e][f] for f in range(2)})
+        return {"exits": dict(list(exits.items())[: len(mrr)]), "test": {"search": test}}
+
+    runs = {
+        "final_only": run([0.084, 0.096]),
+        "hisd": run([0.121, 0.125], cross=[[0.121, 0.1012], [0.0987, 0.125]]),
+        "dedicated0": run([0.110]),
+    }
+    assert compare.judged_metric(runs["hisd"], "search") == "mrr"
+    text = compare.tables(runs, {}, "search", {"dedicated0"}, "mrr", "hisd")
+    lines = text.splitlines()
+    assert lines[0] == "Test MRR (x100, 1000 candidates) per exit, task 'search'."
+    assert "| exit0 | 1.00M | 0.500 | 8.40 | 12.10 | 11.00 |" in lines
+    assert "| exit1 | 2.00M | 1.000 | 9.60 | 12.50 |  |" in lines
+    assert "Early exit" not in text
+    assert "| exit0 | 12.10 | 10.12 |" in lines and "| exit1 | 9.87 | 12.50 |" in lines
+    snap = compare.snapshot(runs, {}, "search", {"dedicated0"}, "mrr", "hisd")
+    assert compare.format_snapshot(snap) == text
