@@ -196,7 +196,8 @@ def abstract_like(state, shardings):
 
 def tree_digest(tree) -> str:
     """sha256 over every leaf's dtype, shape and bytes in tree order (a host copy of the tree:
-    replicated arrays, as the train state is, read their local copy). Stored beside each
+    replicated arrays read their local copy; arrays sharded over processes are gathered, so
+    every process must call it, as every process saves and restores). Stored beside each
     checkpoint and compared after a restore, so a checkpoint whose bytes changed on disk but
     still parse is recognised as damaged."""
     import hashlib  # noqa: PLC0415
@@ -204,10 +205,15 @@ def tree_digest(tree) -> str:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         if hasattr(leaf, "addressable_shards") and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_shards[0].data  # replicated: every copy is the whole array
+            if leaf.sharding.is_fully_replicated:  # every local copy is the whole array
+                leaf = leaf.addressable_shards[0].data
+            else:  # sharded over processes (FSDP): every process gathers it (a collective)
+                leaf = multihost_utils.process_allgather(leaf, tiled=True)
         a = np.asarray(jax.device_get(leaf))
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())

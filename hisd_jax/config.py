@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from hisd_jax import models, programs
+from hisd_jax import models, parallel, programs
 from hisd_jax.data import DATASETS
 from hisd_jax.errors import ConfigError
 from hisd_jax.models import BACKBONES, DTYPES, exit_positions, model_section
@@ -34,6 +34,12 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "mtl.backward",  # how the per-task backward passes are batched: same gradients
+    # where the state lives, not what it is: a run resumes on another mesh (elastic resume)
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.min_shard_size",
+    "mesh.rules",
+    "model.remat",  # recomputes activations in the backward pass: same values
     # what a run stopped by a non-finite loss may change to go on from its last good checkpoint
     # (the optimizer state keeps its structure; the change is an event in metrics.jsonl)
     "optimizer.lr",
@@ -69,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_pool = 1  # adaptive pooling size at each exit
     c.model.head_hidden = ()  # hidden Dense widths in each exit head
     c.model.dtype = "float32"
+    c.model.remat = False  # jax.checkpoint each block / encoder layer: less memory, more compute
     # model.name="transformer" only (models/transformer.py):
     c.model.num_heads = 4  # attention heads (model.width must be a multiple)
     c.model.mlp_ratio = 4  # MLP width = mlp_ratio * width
@@ -105,6 +112,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     c.optimizer.momentum = 0.9
     c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 = off
+
+    # The device mesh (parallel.py): sizes of the `data` and `fsdp` axes (one may be -1: the
+    # device count over the other); mesh.fsdp > 1 shards the train state (FSDP). Leaves with
+    # fewer than min_shard_size elements stay replicated; rules ((regex, "fsdp"|"replicated"),
+    # ...) searched in each state leaf's path override that, first match wins.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.min_shard_size = 2**14
+    c.mesh.rules = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -260,7 +277,25 @@ def validate(config, num_devices: int | None = None) -> None:
     _validate_mtl(config)
     _validate_optimizer(config)
     _validate_train(config, jax.device_count() if num_devices is None else num_devices)
+    _validate_mesh(config, jax.device_count() if num_devices is None else num_devices)
     _one_of("program.name", config.program.name, programs.PROGRAMS)
+
+
+def _validate_mesh(config, num_devices: int) -> None:
+    m = config.mesh
+    for field in ("data", "fsdp"):
+        if not (isinstance(m[field], int) and not isinstance(m[field], bool)) or not (
+            m[field] == -1 or m[field] >= 1
+        ):
+            raise ConfigError(
+                f"mesh.{field}={m[field]!r} must be an integer >= 1, or -1 (inferred)"
+            )
+    _integer("mesh.min_shard_size", m.min_shard_size, 1)
+    try:
+        parallel.mesh_shape(m, num_devices)
+        parallel.check_rules(m.rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_data(config) -> None:

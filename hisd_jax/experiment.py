@@ -52,6 +52,20 @@ class Experiment:
     param_labels: Any  # label tree of the model's parameters (models/labels.py)
     steps_per_epoch: int  # training-stream batches per pass over the train split
     program: Any = None  # the training program (programs/), set by build_experiment
+    _state_shardings: Any = None  # `state_shardings(exp)`, computed once
+
+    @property
+    def state_shardings(self):
+        """A NamedSharding per TrainState leaf (`parallel.state_shardings` with the config's
+        `mesh` rules): what `init_state` creates, every step takes and returns, and a restore
+        reshards into."""
+        if self._state_shardings is None:
+            abstract = jax.eval_shape(_init_fn(self), self.config.seed)
+            m = self.config.mesh
+            self._state_shardings = parallel.state_shardings(
+                self.mesh, abstract, m.rules, m.min_shard_size
+            )
+        return self._state_shardings
 
     @property
     def exit_names(self):
@@ -114,7 +128,7 @@ def build_experiment(config) -> Experiment:
         strategy,
         optim.build_optimizer(config.optimizer, config.train.steps),
         optim.schedule(config.optimizer, config.train.steps),
-        parallel.make_mesh(),
+        parallel.make_mesh(config.mesh),
         model.param_labels(abstract["params"]),
         steps_per_epoch,
     )
@@ -154,8 +168,8 @@ def build_strategy(config, tasks, steps_per_epoch: int) -> strategy_lib.Strategy
         raise ConfigError(f"mtl: {e}") from e
 
 
-def init_state(exp: Experiment) -> TrainState:
-    """Creates the train state directly with replicated shardings (no host copy)."""
+def _init_fn(exp: Experiment):
+    """seed -> the initial TrainState (pure; `init_state` jits it with the state's shardings)."""
     shape = (1, *exp.dataset.image_shape)
 
     def init(seed):
@@ -180,7 +194,12 @@ def init_state(exp: Experiment) -> TrainState:
             bad_step=jnp.full((), -1, jnp.int32),
         )
 
-    replicated = parallel.replicated(exp.mesh)
-    abstract = jax.eval_shape(init, exp.config.seed)
-    shardings = jax.tree.map(lambda _: replicated, abstract)
-    return jax.jit(init, static_argnums=0, out_shardings=shardings)(exp.config.seed)
+    return init
+
+
+def init_state(exp: Experiment) -> TrainState:
+    """Creates the train state directly with its shardings (`Experiment.state_shardings`:
+    replicated, or FSDP-sharded leaves; no host copy, no device holds more than its shard)."""
+    return jax.jit(_init_fn(exp), static_argnums=0, out_shardings=exp.state_shardings)(
+        exp.config.seed
+    )

@@ -319,6 +319,8 @@ class Loop:
                     val = self.evaluate(state, "val")
                     self.writer.write(step, "val", flat_metrics(val))
                     state = self.program.after_eval(state, step, val)
+                    # what the program set on the host goes back to the state's shardings
+                    state = jax.device_put(state, self.exp.state_shardings)
                     stop = self.program.done(state)
                 preempted = preemption.requested or self.ckpt.reached_preemption(step)
                 if crossed(before, step, cfg.checkpoint_every) or last or stop or preempted:

@@ -211,14 +211,16 @@ def accumulate(sums: dict, metrics: dict) -> dict:
 
 
 def jit_unit(exp: Experiment, fn: Callable, num_batches: int = 1):
-    """jit `fn(state, sums, *batches) -> (state, sums)` as the loop runs it: state and metric
-    sums replicated and donated, each batch sharded over the mesh's `data` axis."""
+    """jit `fn(state, sums, *batches) -> (state, sums)` as the loop runs it: the state in its
+    shardings (`Experiment.state_shardings`) and the metric sums replicated, both donated;
+    each batch sharded over the mesh's devices."""
     replicated = parallel.replicated(exp.mesh)
     data = parallel.batch_sharded(exp.mesh)
+    state = exp.state_shardings
     return jax.jit(
         fn,
-        in_shardings=(replicated, replicated, *([data] * num_batches)),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state, replicated, *([data] * num_batches)),
+        out_shardings=(state, replicated),
         donate_argnums=(0, 1),
     )
 
@@ -241,14 +243,10 @@ def zero_metric_sums(exp: Experiment, unit, state, *batches) -> dict:
 
 # --------------------------------------------------------------------------- evaluation
 def _jit_inference(exp: Experiment, fn: Callable):
-    """jit `fn(params, batch_stats, batch)`: variables replicated, the batch sharded on `data`,
-    the output replicated (every process holds all of it)."""
-    replicated = parallel.replicated(exp.mesh)
-    return jax.jit(
-        fn,
-        in_shardings=(replicated, replicated, parallel.batch_sharded(exp.mesh)),
-        out_shardings=replicated,
-    )
+    """jit `fn(params, batch_stats, batch)`: the variables as they are placed (the state's
+    shardings, replicated or FSDP), the batch sharded over the devices, the output replicated
+    (every process holds all of it)."""
+    return jax.jit(fn, out_shardings=parallel.replicated(exp.mesh))
 
 
 def make_eval_step(exp: Experiment):

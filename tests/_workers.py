@@ -68,15 +68,21 @@ def cache_env(pytestconfig=None, tmp_path_factory=None) -> dict:
 
 
 def flat_state(state) -> dict:
-    """{".params['conv']['kernel']": np.ndarray, ...}: every leaf of the train state, as held
-    by this process (the state is replicated)."""
+    """{".params['conv']['kernel']": np.ndarray, ...}: every leaf of the train state, whole
+    (a replicated leaf's local copy; a sharded one gathered from every process)."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    def whole(leaf):
+        if leaf.sharding.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        if leaf.is_fully_addressable:
+            return np.asarray(jax.device_get(leaf))
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {
-        jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0)) for path, leaf in leaves
-    }
+    return {jax.tree_util.keystr(path): whole(leaf) for path, leaf in leaves}
 
 
 def load_npz(path) -> dict:
@@ -131,7 +137,8 @@ def cmd_spmd(arg, steps, devices, out) -> None:
     assert jax.local_device_count() == devices and jax.process_count() == 1
     config = get_config(arg)
     exp = experiment_lib.build_experiment(config)
-    assert exp.mesh.shape == {"data": devices}, exp.mesh.shape
+    fsdp = config.mesh.fsdp
+    assert exp.mesh.shape == {"data": devices // fsdp, "fsdp": fsdp}, exp.mesh.shape
     all_devices = set(jax.devices())
 
     def check_replicated(tree):
@@ -142,10 +149,24 @@ def cmd_spmd(arg, steps, devices, out) -> None:
             for shard in leaf.addressable_shards:
                 assert shard.data.shape == leaf.shape
 
+    def check_state(state):
+        """Replicated, or (FSDP) each leaf placed as `state_shardings` says: big leaves split
+        over the 'fsdp' axis, every device holding 1/fsdp of them."""
+        if fsdp == 1:
+            return check_replicated(state)
+        split = 0
+        for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_shardings)):
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
+            if not want.is_fully_replicated:
+                split += 1
+                for shard in leaf.addressable_shards:
+                    assert shard.data.size * fsdp == leaf.size
+        assert split > 10, split  # parameters and both Adam moments of every big leaf
+
     def check_sharded(batch, rows):
         for k, v in batch.items():
             assert v.shape[0] == rows, (k, v.shape)
-            assert v.sharding.spec == P("data"), (k, v.sharding)
+            assert v.sharding.spec == P(parallel.BATCH), (k, v.sharding)
             shards = v.addressable_shards
             assert len(shards) == devices and {s.device for s in shards} == all_devices
             starts = sorted(s.index[0].start or 0 for s in shards)
@@ -153,7 +174,7 @@ def cmd_spmd(arg, steps, devices, out) -> None:
             assert all(s.data.shape[0] == rows // devices for s in shards)
 
     state = experiment_lib.init_state(exp)
-    check_replicated(state)
+    check_state(state)
     step_fn = steps_lib.make_train_step(exp)
     sharding = parallel.batch_sharded(exp.mesh)
     keys = exp.batch_keys(train=True)
@@ -169,7 +190,7 @@ def cmd_spmd(arg, steps, devices, out) -> None:
         np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
         sums = steps_lib.zero_metric_sums(exp, step_fn, state, batch)
         state, sums = step_fn(state, sums, batch)
-        check_replicated(state)
+        check_state(state)
         check_replicated(sums)
         losses.append(float(sums["loss"]))
 

@@ -414,3 +414,34 @@ def test_adaptive_avg_pool_hand_case():
     np.testing.assert_allclose(adaptive_avg_pool(x, 2)[0, :, :, 0], [[2.0, 3.0], [5.0, 6.0]])
     np.testing.assert_allclose(adaptive_avg_pool(x, 1)[0, 0, 0, 0], 4.0)
     np.testing.assert_allclose(adaptive_avg_pool(x, 3), x)  # own size: identity
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_remat_keeps_parameters_outputs_and_gradients(name):
+    """model.remat recomputes each block's activations in the backward pass: the same parameter
+    tree, the same outputs and the same gradients (float tolerance)."""
+    from hisd_jax.data import Dataset  # noqa: PLC0415
+
+    if name == "resnet":
+        cfg = dict(name="resnet", width=4, stage_sizes=(1, 1))
+        x = jax.random.normal(jax.random.key(1), (BATCH, 8, 8, 3))
+        dataset = None
+    else:
+        cfg = dict(name="transformer", width=8, stage_sizes=(1, 1), num_heads=2, mlp_ratio=2,
+                   pool="mean", embed_dim=0)  # fmt: skip
+        x = jnp.array([[2, 5, 6, 0], [2, 3, 0, 0]])
+        dataset = Dataset("t", {}, (4,), {}, "tokens", "int32", 10)
+    tasks = TASKS[:1]
+    models = {r: build_model(model_cfg(**cfg, remat=r), tasks, dataset=dataset)
+              for r in (False, True)}  # fmt: skip
+    variables = models[False].init(jax.random.key(0), x)
+    chex.assert_trees_all_equal_shapes(variables, models[True].init(jax.random.key(0), x))
+
+    def loss(params, model):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=True)
+        return sum(jnp.sum(z**2) for z in out["logits"]["digit"])
+
+    values = {r: loss(variables["params"], m) for r, m in models.items()}
+    chex.assert_trees_all_close(values[True], values[False], rtol=1e-6)
+    grads = {r: jax.grad(loss)(variables["params"], m) for r, m in models.items()}
+    chex.assert_trees_all_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)

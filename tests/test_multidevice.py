@@ -1,4 +1,5 @@
-"""SPMD over 8 fake CPU devices gives the same training and evaluation as 1 device.
+"""SPMD over 8 fake CPU devices gives the same training and evaluation as 1 device, with the
+train state replicated and with it sharded over a (data 2, fsdp 4) mesh (FSDP).
 
 Each device setting runs in its own process (XLA_FLAGS must be set before JAX starts):
 `tests/_workers.py spmd` runs the trainer's jitted step by hand for a few steps, asserting
@@ -42,6 +43,10 @@ STATE_ATOL = {"hisd": ATOL, "mtl": 1e-5}
 
 
 CASES = {"hisd": ARG, "mtl": MTL_ARG}
+# FSDP: the state sharded over a 2 x 4 (data, fsdp) mesh; small leaves too (min 64 elements)
+FSDP = ",mesh__data=2,mesh__fsdp=4,mesh__min_shard_size=64"
+# (label, devices, extra ARG): 1 device, 8 replicated, 8 with the state sharded (FSDP)
+SETTINGS = ((1, 1, ""), (8, 8, ""), ("fsdp", 8, FSDP))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -58,14 +63,22 @@ def runs(case, pytestconfig, tmp_path_factory):
     env.pop("JAX_NUM_CPU_DEVICES", None)
     procs = {}
     flags = env.pop("XLA_FLAGS", "")
-    for devices in (1, 8):
-        out = str(out_dir / f"devices{devices}")
+    for label, devices, extra in SETTINGS:
+        out = str(out_dir / f"devices{label}")
         device_env = dict(env)
         if devices > 1:
             device_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
         with open(out + ".log", "w") as log:  # a file: an unread pipe could fill up
-            procs[devices] = subprocess.Popen(
-                [sys.executable, "tests/_workers.py", "spmd", arg, str(STEPS), str(devices), out],
+            procs[label] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "tests/_workers.py",
+                    "spmd",
+                    arg + extra,
+                    str(STEPS),
+                    str(devices),
+                    out,
+                ],  # fmt: skip
                 cwd=REPO,
                 env=device_env,
                 stdout=log,
@@ -90,18 +103,21 @@ def runs(case, pytestconfig, tmp_path_factory):
 
 def test_runs_used_the_requested_devices(runs):
     assert runs[1][0]["device_count"] == 1
-    assert runs[8][0]["device_count"] == 8
+    assert runs[8][0]["device_count"] == runs["fsdp"][0]["device_count"] == 8
 
 
-def test_losses_match_per_step(runs):
-    one, eight = runs[1][0]["losses"], runs[8][0]["losses"]
+@pytest.mark.parametrize("other", [8, "fsdp"])
+def test_losses_match_per_step(runs, other):
+    """8 devices, the state replicated or FSDP-sharded, train as 1 device does."""
+    one, eight = runs[1][0]["losses"], runs[other][0]["losses"]
     assert len(one) == len(eight) == STEPS
     np.testing.assert_allclose(eight, one, rtol=RTOL, atol=ATOL)
     assert one[-1] < one[0]  # it trains
 
 
-def test_final_state_matches(runs, case):
-    one, eight = runs[1][1], runs[8][1]
+@pytest.mark.parametrize("other", [8, "fsdp"])
+def test_final_state_matches(runs, case, other):
+    one, eight = runs[1][1], runs[other][1]
     assert sorted(one) == sorted(eight)
     assert int(one[".step"]) == int(eight[".step"]) == STEPS
     assert any("batch_stats" in k for k in one), "the test wants a BatchNorm model"
@@ -109,8 +125,9 @@ def test_final_state_matches(runs, case):
         np.testing.assert_allclose(eight[k], one[k], rtol=RTOL, atol=STATE_ATOL[case], err_msg=k)
 
 
-def test_eval_metrics_match(runs):
-    one, eight = runs[1][0]["metrics"], runs[8][0]["metrics"]
+@pytest.mark.parametrize("other", [8, "fsdp"])
+def test_eval_metrics_match(runs, other):
+    one, eight = runs[1][0]["metrics"], runs[other][0]["metrics"]
     assert one.keys() == eight.keys() == {"val", "test", "val_unpadded"}
     for split in one:
         for task, per_exit in one[split].items():
@@ -122,7 +139,7 @@ def test_eval_metrics_match(runs):
 
 def test_eval_padding_is_masked(runs):
     """Padded eval batches give the metrics of batches that need no padding."""
-    for devices in (1, 8):
+    for devices in (1, 8, "fsdp"):
         metrics = runs[devices][0]["metrics"]
         for task, per_exit in metrics["val"].items():
             for name, m in per_exit.items():

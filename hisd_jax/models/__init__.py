@@ -80,6 +80,7 @@ def build_model(model_cfg, tasks, cut_at=None, dataset=None):
             retrieval_tasks=retrieval,
             cut_at=cut,
             dtype=DTYPES[model_cfg.dtype],
+            remat=bool(model_cfg.get("remat", False)),
         )
     return MultiExitNet(
         blocks=blocks,
@@ -95,6 +96,7 @@ def build_model(model_cfg, tasks, cut_at=None, dataset=None):
         head_pool=model_cfg.head_pool,
         head_hidden=tuple(model_cfg.head_hidden),
         dtype=DTYPES[model_cfg.dtype],
+        remat=bool(model_cfg.get("remat", False)),
     )
 
 

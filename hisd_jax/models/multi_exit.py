@@ -28,13 +28,17 @@ class Segment(nn.Module):
     stem: str | None = None
     stem_features: int = 0
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # jax.checkpoint each block: its activations are recomputed backward
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.stem is not None:
             x = Stem(self.stem, self.stem_features, self.norm, self.dtype, name="stem")(x, train)
         for i, spec in enumerate(self.blocks):
-            x = BLOCKS[spec.kind](spec, self.norm, self.dtype, name=f"block{i}")(x, train)
+            block = BLOCKS[spec.kind]
+            if self.remat:  # same parameters and values; `train` (argument 2) stays static
+                block = nn.remat(block, static_argnums=(2,))
+            x = block(spec, self.norm, self.dtype, name=f"block{i}")(x, train)
         return x
 
 
@@ -92,6 +96,7 @@ class MultiExitNet(SegmentsAndExits, nn.Module):
     head_pool: int = 1
     head_hidden: Sequence[int] = ()
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         ends = list(self.exit_after[: self.num_exits])
@@ -105,6 +110,7 @@ class MultiExitNet(SegmentsAndExits, nn.Module):
                 self.stem if i == 0 else None,
                 self.stem_features,
                 self.dtype,
+                self.remat,
             )
             for i, (a, b) in enumerate(zip(starts, ends))
         ]

@@ -74,6 +74,7 @@ class EncoderSegment(nn.Module):
     vocab_size: int | None = None  # segment 0 only
     max_len: int | None = None
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # jax.checkpoint each layer
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -91,8 +92,9 @@ class EncoderSegment(nn.Module):
         shape = x["h"].shape  # [..., L, W]: every sequence (each side of a pair) alone
         h = x["h"].reshape(-1, *shape[-2:])
         mask = x["mask"].reshape(-1, shape[-2])
+        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.num_layers):
-            h = EncoderLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer{i}")(h, mask)
+            h = layer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer{i}")(h, mask)
         return {"h": h.reshape(shape), "mask": x["mask"]}
 
 
@@ -177,6 +179,7 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
     retrieval_tasks: Sequence[str] = ()
     cut_at: int | None = None
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def exits_of(self, task: str) -> tuple[int, ...]:
         del task
@@ -196,6 +199,7 @@ class TransformerExitNet(SegmentsAndExits, nn.Module):
                 self.vocab_size if i == 0 else None,
                 self.max_len if i == 0 else None,
                 self.dtype,
+                self.remat,
             )
             for i, (a, b) in enumerate(zip(starts, ends))
         ]

@@ -225,9 +225,10 @@ class KDJointProgram(Program):
         """A device copy of the current parameters and BatchNorm statistics (the step donates
         the originals)."""
         if self._copy is None:
+            sh = self.exp.state_shardings
             self._copy = jax.jit(
                 lambda v: jax.tree.map(jnp.copy, v),
-                out_shardings=parallel.replicated(self.exp.mesh),
+                out_shardings={"params": sh.params, "batch_stats": sh.batch_stats},
             )
         return self._copy({"params": state.params, "batch_stats": state.batch_stats})
 
