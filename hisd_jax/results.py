@@ -75,6 +75,15 @@ TABLES = (
         "25 min",
     ),
     Table(
+        "code_search",
+        "code search in MoSE's setting: every preset and the dedicated models per exit (MRR), "
+        "and HiSD's cross-exit MRR",
+        _compare("configs/compare_mose_pycode.py"),
+        "runs/mose_pycode",
+        "comparison.json",
+        "14 min",
+    ),
+    Table(
         "mtl",
         "MTL methods on 5-task MultiDigits, Δm against single-task runs",
         _sweep(

@@ -84,9 +84,11 @@ def test_environment_names_commit_packages_and_devices():
 STORED = [t for t in results.TABLES if os.path.exists(results.stored_path(t.name))]
 
 
-def test_the_main_tables_and_the_alphavil_tables_are_stored():
+def test_the_main_the_code_search_and_the_alphavil_tables_are_stored():
     names = {t.name for t in STORED}
-    assert {"main", "main_seeds", "alphavil_epochs", "alphavil_examples"} <= names, names
+    assert {"main", "main_seeds", "alphavil_epochs", "alphavil_examples", "code_search"} <= names, (
+        names
+    )
 
 
 @pytest.mark.parametrize("table", STORED, ids=[t.name for t in STORED])
