@@ -23,6 +23,17 @@ strategy, visiting them in a rotated order, so load from other processes spreads
 of them. Reported: the median step time over rounds and the median over rounds of the
 per-round ratio to EW. One `BENCH ` JSON line per strategy follows the table.
 
+Memory per device of the compiled train step, replicated against FSDP (the state sharded over
+every device: `mesh.fsdp` = the device count) and without and with `model.remat`:
+
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m hisd_jax.bench \
+    --config configs/resnet50_imagenet.py:data=synthetic --memory`
+
+Compiles only (nothing runs, so a model far bigger than the machine's compute is fine). Per
+layout: parameter and optimizer-state bytes one device holds (from the state's shardings:
+exact), how many of those bytes are replicated leaves (below `mesh.min_shard_size`), and XLA's
+memory analysis of the compiled step per device (arguments, outputs, temporaries).
+
 αVIL's epoch against a plain multitask (EW) epoch on one config:
 
 `python -m hisd_jax.bench --config configs/alphavil_multidigits.py --alphavil`
@@ -35,12 +46,14 @@ epoch to the plain one, next to the ratio the examples predict,
 (K = round(ρ·steps_per_epoch), so about 1 + ρ·T + the α fit's share).
 """
 
+import copy
 import json
 import resource
 import sys
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -65,6 +78,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("rounds", 5, "With --strategies: timed rounds of --steps steps each.")
     flags.DEFINE_bool("alphavil", False, "Time an αVIL epoch against a plain EW epoch.")
+    flags.DEFINE_bool(
+        "memory", False, "Per-device memory of the compiled step: replicated vs FSDP, remat."
+    )
     flags.mark_flags_as_required(["config"])
 
 
@@ -313,6 +329,90 @@ def benchmark_alphavil(config, rounds: int = 5) -> dict:
     }
 
 
+def _memory_of(config) -> dict:
+    """Per-device bytes of `config`'s state (by its shardings) and of its compiled step."""
+    from hisd_jax import experiment  # noqa: PLC0415
+    from hisd_jax import steps as steps_lib  # noqa: PLC0415
+
+    exp = experiment.build_experiment(config)
+    sh = exp.state_shardings
+    state = jax.eval_shape(experiment._init_fn(exp), config.seed)  # noqa: SLF001
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, sh)  # fmt: skip
+    one = data_lib.with_positions(exp.dataset.splits["train"], np.arange(1))  # shapes only
+    batch_sharding = parallel.batch_sharded(exp.mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.train.batch_size, *one[k].shape[1:]), one[k].dtype, sharding=batch_sharding
+        )
+        for k in exp.batch_keys(train=True)
+    }
+    step_fn = steps_lib.make_train_step(exp)
+    sums = jax.eval_shape(step_fn, state, {}, batch)[1]
+    sums = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(exp.mesh)),
+        sums,
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, sums, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    def replicated_bytes(tree, shardings):
+        return sum(
+            x.size * np.dtype(x.dtype).itemsize
+            for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+            if s.is_fully_replicated
+        )
+
+    return {
+        "params_bytes": parallel.shard_bytes(state.params, sh.params),
+        "opt_state_bytes": parallel.shard_bytes(state.opt_state, sh.opt_state),
+        "replicated_params_opt_bytes": replicated_bytes(state.params, sh.params)
+        + replicated_bytes(state.opt_state, sh.opt_state),
+        "total_params_bytes": sum(
+            x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state.params)
+        ),
+        "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+        "output_bytes": getattr(mem, "output_size_in_bytes", None),
+        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+        "compile_s": compile_s,
+    }
+
+
+def benchmark_memory(config) -> list[dict]:
+    """`_memory_of` for replicated and FSDP over every device, each without and with remat."""
+    n = jax.device_count()
+    rows = []
+    for layout, fsdp in (("replicated", 1), ("fsdp", n)):
+        for remat in (False, True):
+            cfg = copy.deepcopy(config)
+            cfg.unlock()
+            cfg.mesh.data, cfg.mesh.fsdp, cfg.model.remat = -1, fsdp, remat
+            cfg.lock()
+            row = {"config": config.name, "devices": n, "layout": layout, "remat": remat,
+                   "batch_size": config.train.batch_size, "dtype": config.model.dtype}  # fmt: skip
+            rows.append({**row, **_memory_of(cfg)})
+    return rows
+
+
+def memory_table(rows: list[dict]) -> str:
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.1f}"  # noqa: E731
+    lines = [
+        "| layout | remat | params MiB | opt state MiB | of which replicated MiB | "
+        "arguments MiB | outputs MiB | temporaries MiB | compile s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layout']} | {'yes' if r['remat'] else 'no'} | {mib(r['params_bytes'])} | "
+            f"{mib(r['opt_state_bytes'])} | {mib(r['replicated_params_opt_bytes'])} | "
+            f"{mib(r['argument_bytes'])} | {mib(r['output_bytes'])} | {mib(r['temp_bytes'])} | "
+            f"{r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def strategies_table(results: list[dict]) -> str:
     header = "| strategy | kind | space | step ms (median) | step ms (min) | x EW |"
     lines = [header, "|---|---|---|---:|---:|---:|"]
@@ -342,6 +442,14 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:
+        if FLAGS.memory:
+            rows = benchmark_memory(FLAGS.config)
+            print(f"Per device, {rows[0]['devices']} devices, global batch "
+                  f"{rows[0]['batch_size']}, {rows[0]['dtype']}:")  # fmt: skip
+            print(memory_table(rows))
+            for r in rows:
+                print("BENCH " + json.dumps(r))
+            return
         if FLAGS.alphavil:
             result = benchmark_alphavil(FLAGS.config, FLAGS.rounds)
         elif FLAGS.strategies:

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet"  # one of models.BACKBONES
     c.model.width = 16  # channels of the first stage (doubles each stage)
-    c.model.stage_sizes = ()  # blocks per stage; () = the backbone's default
+    c.model.stage_sizes = ()  # blocks per stage (every config names them: resnet50 (3, 4, 6, 3))
     c.model.strides = ()  # downsampling per stage; () = 1 then 2 for every later stage
     c.model.exits = ()  # block counts after which exits sit; () = after every stage
     c.model.task_exits = ml_collections.ConfigDict()  # {task: exit indices}; default every exit

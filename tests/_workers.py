@@ -162,6 +162,15 @@ def cmd_spmd(arg, steps, devices, out) -> None:
                 for shard in leaf.addressable_shards:
                     assert shard.data.size * fsdp == leaf.size
         assert split > 10, split  # parameters and both Adam moments of every big leaf
+        # What one device holds of parameters + optimizer state: at most 1/fsdp of the whole
+        # plus the leaves left replicated (below mesh.min_shard_size or indivisible).
+        held = whole = replicated = 0
+        for leaf in jax.tree.leaves((state.params, state.opt_state)):
+            held += leaf.addressable_shards[0].data.nbytes
+            whole += leaf.nbytes
+            replicated += leaf.nbytes if leaf.sharding.is_fully_replicated else 0
+        assert held <= whole / fsdp + replicated, (held, whole, replicated)
+        assert held < whole / 2, (held, whole)
 
     def check_sharded(batch, rows):
         for k, v in batch.items():

@@ -39,11 +39,11 @@ def everything(source):
 def test_registry():
     assert DATASETS == (
         "digits", "multidigits", "mnist", "cifar10", "cifar100", "multimnist", "pycode",
-        "pycode_search", "glue",
+        "pycode_search", "glue", "synthetic",
     )  # fmt: skip
     message = (
         r"^data.name='x' is not one of digits, multidigits, mnist, cifar10, cifar100, "
-        r"multimnist, pycode, pycode_search, glue$"
+        r"multimnist, pycode, pycode_search, glue, synthetic$"
     )
     with pytest.raises(ValueError, match=message):
         get_dataset("x")
@@ -451,3 +451,17 @@ def test_duplicate_task_names_are_config_errors():
     c.data.name, c.data.tasks = "multidigits", ("sum", "left", "sum")
     with pytest.raises(config_lib.ConfigError, match="data.tasks=.* names 'sum' twice"):
         config_lib.validate(c)
+
+
+def test_synthetic_images_are_generated_by_index_and_seed():
+    data = get_dataset("synthetic", seed=1, image_shape=(4, 5, 2), num_classes=3, sizes=(6, 2, 2))
+    assert data.image_shape == (4, 5, 2) and data.tasks["label"].num_classes == 3
+    batch = data.splits["train"].get_batch(np.array([4, 1]))
+    assert batch["image"].shape == (2, 4, 5, 2) and batch["image"].dtype == np.float32
+    np.testing.assert_array_equal(batch["label"], [1, 1])  # index % classes
+    want = np.random.default_rng([1, 0, 4]).standard_normal((4, 5, 2), np.float32)
+    np.testing.assert_array_equal(batch["image"][0], want)
+    other = get_dataset("synthetic", seed=2, image_shape=(4, 5, 2), num_classes=3)
+    assert not np.array_equal(other.splits["train"].get_batch(np.array([4]))["image"][0], want)
+    with pytest.raises(ValueError, match="data.kwargs.image_shape"):
+        get_dataset("synthetic", image_shape=(4, 5))

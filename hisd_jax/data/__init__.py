@@ -12,6 +12,7 @@ shape and the tasks it offers. `get_dataset(name, seed=..., **kwargs)` builds on
                and package, returns of the code
   glue         a GLUE task (data.kwargs.config: sst2, mnli, ...) as token ids, through
                `tfds.data_source` (glue.py; prepared beforehand, nothing is downloaded)
+  synthetic    noise images of any shape (synthetic.py): benchmarks and memory accounting
 
 Batches are dicts of numpy arrays: 'image' float32 [n, H, W, C], 'index' int32 [n] (a stable
 example id: see each builder), every task's `label_key` (int32 class ids or float32 targets) and
@@ -100,6 +101,7 @@ _BUILDERS = {
     "pycode": ("pycode", "pycode"),
     "pycode_search": ("pycode", "pycode_search"),
     "glue": ("glue", "glue"),
+    "synthetic": ("synthetic", "synthetic"),
 }
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
