@@ -206,7 +206,8 @@ def exit_report(
     workdir: str, batch_size: int = 256, split: str = "test", *, exp=None, variables=None
 ):
     """Per exit where the first task has a head (`model.task_exits`; every exit by default):
-    parameters, FLOPs (and fraction of the full model), accuracy on `split`, latency per batch of
+    parameters, FLOPs (and fraction of the full model), accuracy (a retrieval task: MRR, over the
+    whole split) on `split`, latency per batch of
     `batch_size` (median after warm-up) and peak memory of the compiled standalone model
     (argument + output + temporary bytes)."""
     if exp is None or variables is None:
@@ -219,6 +220,12 @@ def exit_report(
     costs = cost_lib.exit_costs(pieces)
     logits = cascade.all_exit_logits(exp.model, variables, images, task.name)
     x = cascade._pad_rows(images[:batch_size], batch_size)
+    kind = task.task_kind
+    metric = "accuracy" if kind.has_confidence else "mrr" if kind.split_metrics else None
+    whole_split = {}  # a metric of the whole split's outputs (retrieval: MRR per exit)
+    if kind.split_metrics is not None:
+        outputs = np.stack([np.asarray(z) for z in logits], axis=1)
+        whole_split = kind.split_metrics(outputs, [exp.exit_names[e] for e in task.exits])
     rows = []
     for e, name in enumerate(exp.exit_names):
         if e not in task.exits:  # no head of the task here: nothing to cut a model at
@@ -239,26 +246,30 @@ def exit_report(
             "argument_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),
         }
-        if task.task_kind.has_confidence:
+        if kind.has_confidence:
             z = logits[list(task.exits).index(e)]
             row[f"{split}_accuracy"] = float(np.mean(z.argmax(-1) == labels))
+        elif name in whole_split:
+            row[f"{split}_mrr"] = whole_split[name]["mrr"]
         rows.append(row)
     report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,
-              "split": split, "exits": rows}  # fmt: skip
+              "split": split, "metric": metric, "exits": rows}  # fmt: skip
     jsonio.write_json(os.path.join(workdir, "export_report.json"), report)
     return report
 
 
 def format_exit_report(report: dict) -> str:
     split = report["split"]
+    metric = report.get("metric") or "accuracy"
+    label = f"{split} {'acc' if metric == 'accuracy' else metric}"
     lines = [
         f"{report['workdir']}: standalone model per exit (task {report['task']}, batch "
         f"{report['batch_size']})",
-        f"{'exit':<8}{'params':>10}{'FLOPs':>12}{'fraction':>10}{split + ' acc':>10}"
+        f"{'exit':<8}{'params':>10}{'FLOPs':>12}{'fraction':>10}{label:>10}"
         f"{'latency ms':>12}{'peak MiB':>10}",
     ]
     for r in report["exits"]:
-        acc = r.get(f"{split}_accuracy", float("nan"))
+        acc = r.get(f"{split}_{metric}", float("nan"))
         lines.append(
             f"{r['exit']:<8}{r['params']:>10d}{r['flops']:>12.4g}{r['fraction']:>10.3f}"
             f"{acc:>10.4f}{r['latency_ms']:>12.3f}{r['peak_memory_bytes'] / 2**20:>10.2f}"

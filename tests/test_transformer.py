@@ -403,21 +403,21 @@ def test_a_tiny_encoder_learns_code_search_and_a_code_task_and_early_exit_runs(
     agrees with the mask-based policy and keeps to the budget."""
     from conftest import override  # noqa: PLC0415
 
-    from hisd_jax import evaluate, train  # noqa: PLC0415
+    from hisd_jax import evaluate, export, train  # noqa: PLC0415
     from hisd_jax.config import config_from_file  # noqa: PLC0415
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "mose_pycode.py")
-    config = config_from_file(path, "steps=300,max_len=32,num_train=3000,tasks=search+package")
+    config = config_from_file(path, "steps=200,max_len=32,num_train=3000,tasks=search+package")
     config.unlock()
     config.data.kwargs.update(data_dir=pycode_data_dir, vocab_size=512)
     override(config, model__width=32, model__embed_dim=32, model__stage_sizes=(1, 1),
              optimizer__lr=0.01, objective__similarity_temperature=0.1, train__eval_every=0,
-             train__checkpoint_every=300, train__progress=False)  # fmt: skip
+             train__checkpoint_every=200, train__progress=False)  # fmt: skip
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
     # search: chance is H_1000 / 1000 = 0.0075 with 1000 candidates, and one standard error of
-    # a chance MRR over the 1224 validation queries is ~0.0011; 0.025-0.028 measured.
+    # a chance MRR over the 1224 validation queries is ~0.0011; 0.050-0.053 measured.
     mrr = [results["val"]["search"][e]["mrr"] for e in ("exit0", "exit1")]
-    assert min(mrr) > 0.018, mrr
+    assert min(mrr) > 0.03, mrr
     assert results["val"]["search"]["exit0"]["candidates"] == 1000
     # package: the majority class is 0.31 of the test split (1285 rows: one standard error of
     # an accuracy is ~0.013)
@@ -430,3 +430,9 @@ def test_a_tiny_encoder_learns_code_search_and_a_code_task_and_early_exit_runs(
     )  # fmt: skip
     assert report["speed"]["agreement_exits"] == 1.0 and report["speed"]["agreement_preds"] == 1.0
     assert report["test"]["avg_flops_fraction"] <= 0.75 + 0.05
+    # The standalone model cut at each exit searches as the trained one did (test MRR).
+    exported = export.exit_report(str(tmp_path / "run"), batch_size=64)
+    assert exported["metric"] == "mrr"
+    for row in exported["exits"]:
+        want = results["test"]["search"][row["exit"]]["mrr"]
+        assert row["test_mrr"] == pytest.approx(want, abs=1e-6), row
