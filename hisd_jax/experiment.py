@@ -52,7 +52,9 @@ class Experiment:
     param_labels: Any  # label tree of the model's parameters (models/labels.py)
     steps_per_epoch: int  # training-stream batches per pass over the train split
     program: Any = None  # the training program (programs/), set by build_experiment
-    _state_shardings: Any = None  # `state_shardings(exp)`, computed once
+    # `state_shardings`, computed once; not an init field, so `dataclasses.replace` (another
+    # optimizer, strategy or program) computes it again for the new experiment
+    _state_shardings: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def state_shardings(self):
