@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hisd_jax.data import Dataset, TaskInfo
+from hisd_jax.data.bpe import train_bpe
 from hisd_jax.data.tfds_sources import GrainSource
 
 # config -> its text fields (one, or a pair)
@@ -53,19 +54,7 @@ def _text(value) -> str:
 
 def train_tokenizer(texts, vocab_size: int):
     """A byte-level BPE tokenizer trained on `texts`; `SPECIAL_TOKENS` take ids 0-3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
+    return train_bpe(texts, vocab_size, SPECIAL_TOKENS, add_prefix_space=True)
 
 
 def encode(tokenizer, texts: tuple[str, ...], max_len: int) -> np.ndarray:

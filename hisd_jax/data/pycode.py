@@ -194,20 +194,12 @@ PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
 def train_tokenizer(pairs: list[dict], vocab_size: int = 8192):
     """A byte-level BPE tokenizer (HF `tokenizers`) trained on the queries and code of `pairs`
     (the training split only); `SPECIAL_TOKENS` take ids 0-2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    from hisd_jax.data.bpe import train_bpe  # noqa: PLC0415
 
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     texts = (t for p in pairs for t in (p["query"], p["code"]))
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=2 * len(pairs))
-    return tokenizer
+    return train_bpe(
+        texts, vocab_size, SPECIAL_TOKENS, add_prefix_space=False, length=2 * len(pairs)
+    )
 
 
 def encode(tokenizer, texts: list[str], max_len: int):
