@@ -68,7 +68,7 @@ def mesh_shape(mesh_cfg=None, num_devices: int | None = None) -> tuple[int, int]
     if data < 1 or fsdp < 1 or data * fsdp != n:
         raise ValueError(
             f"mesh.data={mesh_cfg.data if mesh_cfg else -1} x mesh.fsdp="
-            f"{mesh_cfg.fsdp if mesh_cfg else 1} must multiply to the {n} devices"
+            f"{mesh_cfg.fsdp if mesh_cfg else 1} must multiply to the device count, {n}"
         )
     return data, fsdp
 

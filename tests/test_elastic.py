@@ -4,7 +4,7 @@ uninterrupted run ends.
 The reference trains STEPS steps on 8 fake CPU devices with the state sharded over a
 (data 2, fsdp 4) mesh (FSDP). Then:
   * a copy of its workdir cut back to its checkpoint at step CUT (a run stopped there) resumes
-    on 1 device (fsdp 1: replicated); Orbax reshards the state into
+    on 4 devices (fsdp 4) and on 1 device (fsdp 1: replicated); Orbax reshards the state into
     the new mesh, and the data position is exact because the global batch does not depend on
     the device count;
   * 2 processes x 2 devices (fsdp 2 across the processes) are SIGKILLed once the step-CUT
@@ -91,7 +91,7 @@ def reference(pytestconfig, tmp_path_factory):
     return root, env, workdir
 
 
-@pytest.mark.parametrize("devices", [1])  # 4 devices: the multi-process case below
+@pytest.mark.parametrize("devices", [4, 1])
 def test_an_8_device_fsdp_checkpoint_resumes_on_fewer_devices(reference, devices):
     root, env, workdir = reference
     resumed = root / f"resumed_on_{devices}"
