@@ -10,7 +10,7 @@ and across exits (queries at exit e against code embedded at exit e'). Model: a 
 width 64, 4 heads, one layer per stage, an exit after each of 3 layers, 64-d embeddings.
 
 Run one preset (final_only, sdn, byot, mose, hisd):
-  python -m hisd_jax.main --config configs/mose_pycode.py --workdir runs/mose_pycode
+  python -m hisd_jax.main --config configs/mose_pycode.py --workdir runs/mose_hisd
 Variants: configs/mose_pycode.py:preset=mose,steps=600,seed=1,tasks=search+package
 Every preset and the dedicated models against each other: configs/compare_mose_pycode.py.
 Expected: ~2 min on 2 CPU cores (500 steps); results.json holds per exit the test MRR and the

@@ -384,7 +384,7 @@ def benchmark_memory(config) -> list[dict]:
     """`_memory_of` for replicated and FSDP over every device, each without and with remat."""
     n = jax.device_count()
     rows = []
-    for layout, fsdp in (("replicated", 1), ("fsdp", n)):
+    for layout, fsdp in (("replicated", 1), (f"fsdp={n}", n)):
         for remat in (False, True):
             cfg = copy.deepcopy(config)
             cfg.unlock()

@@ -34,7 +34,22 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             raise FileNotFoundError(f"{path} not found: {workdir} is not a trained workdir")
         raise WorkdirError(f"{path} is damaged ({problem}) and no checkpoint records the config")
     defaults = json.loads(config_lib.base_config().to_json_best_effort())
-    return ml_collections.ConfigDict(config_lib.fill_defaults(stored, defaults))
+    config = ml_collections.ConfigDict(config_lib.fill_defaults(stored, defaults))
+    return on_these_devices(config)
+
+
+def on_these_devices(config) -> ml_collections.ConfigDict:
+    """`config` with its mesh fitted to this job's devices: the mesh it trained on when it fits,
+    else every device on `data` with the state replicated (mesh.fsdp = 1; logged). The mesh is
+    where the state lives, not what it is: a restore reshards into whichever mesh this is."""
+    from hisd_jax import parallel  # noqa: PLC0415
+
+    try:
+        parallel.mesh_shape(config.mesh)
+    except ValueError as e:
+        logging.warning("%s; evaluating with the state replicated on this job's devices", e)
+        config.mesh.data, config.mesh.fsdp = -1, 1
+    return config
 
 
 def load_workdir(workdir: str, *, with_step: bool = False):

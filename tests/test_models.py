@@ -441,7 +441,10 @@ def test_remat_keeps_parameters_outputs_and_gradients(name):
         out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=True)
         return sum(jnp.sum(z**2) for z in out["logits"]["digit"])
 
-    values = {r: loss(variables["params"], m) for r, m in models.items()}
+    # jitted: one compile each (eager op-by-op tracing of the remat'd backward is slow)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    values, grads = {}, {}
+    for r, m in models.items():
+        values[r], grads[r] = value_and_grad(variables["params"], m)
     chex.assert_trees_all_close(values[True], values[False], rtol=1e-6)
-    grads = {r: jax.grad(loss)(variables["params"], m) for r, m in models.items()}
     chex.assert_trees_all_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
