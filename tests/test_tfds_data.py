@@ -217,19 +217,17 @@ def test_glue_sentence_pairs_and_the_regression_task(mock, tmp_path):
         get_dataset("glue", config="sst3", cache_dir=str(tmp_path))
 
 
-def test_the_glue_config_trains_through_the_encoder(mock, tmp_path):
-    """configs/glue.py end to end on mock records (random text: nothing to learn; it runs)."""
-    from conftest import override  # noqa: PLC0415
-
-    from hisd_jax import train  # noqa: PLC0415
+def test_the_glue_config_builds_its_experiment(mock, tmp_path):
+    """configs/glue.py validates and builds data, tasks and the multi-exit encoder on mock
+    records (random text, nothing to learn; the trainer's path is the one pycode's tests run)."""
+    from hisd_jax import experiment  # noqa: PLC0415
     from hisd_jax.config import config_from_file  # noqa: PLC0415
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "glue.py")
-    config = config_from_file(path, "task=sst2,steps=4,max_len=16")
+    config = config_from_file(path, "task=mrpc,steps=4,max_len=16")
     config.unlock()
     config.data.kwargs.update(cache_dir=str(tmp_path / "cache"), vocab_size=300)
-    override(config, model__width=16, model__stage_sizes=(1, 1), train__batch_size=4,
-             train__eval_every=0, train__checkpoint_every=4, train__progress=False)  # fmt: skip
-    results = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert set(results["test"]["label"]) == {"exit0", "exit1"}
-    assert results["train"]["steps_taken"] == 4
+    exp = experiment.build_experiment(config)
+    assert exp.dataset.input_key == "tokens" and exp.dataset.image_shape == (16,)
+    assert exp.model.num_exits == 3 and exp.task_names == ("label",)
+    assert exp.tasks[0].num_classes == 2
