@@ -235,9 +235,16 @@ def hisd_loss(
             )
         feat = sum((feature_l2(p, sg(final_features), mask) for p in features), zero)
 
+    return add_distillation(loss, weights, {"ce": ce}, kd=kd, hier=hier, feat=feat)
+
+
+def add_distillation(loss, weights: HiSDWeights, per_exit: dict, *, kd, hier, feat):
+    """`loss` plus the weighted distillation terms (a term enters only when its weight is
+    non-zero) and the flat metrics: `{name}/exit{e}` for each of `per_exit`'s lists, `kd`,
+    `hier`, `feat` (unweighted) and `loss`. Shared by `hisd_loss` and the retrieval loss."""
     for lam, term in ((weights.kd, kd), (weights.hier, hier), (weights.feat, feat)):
         if lam != 0:
             loss = loss + lam * term
-    metrics = {f"ce/exit{e}": ce[e] for e in range(num_exits)}
+    metrics = {f"{name}/exit{e}": v for name, vs in per_exit.items() for e, v in enumerate(vs)}
     metrics.update(kd=kd, hier=hier, feat=feat, loss=loss)
     return loss, metrics

@@ -149,12 +149,7 @@ def retrieval_loss(
     kd = sum((sim_kd(e, num_exits - 1) for e in internal), zero)
     hier = sum((sim_kd(e, e + 1) for e in internal), zero)
     feat = sum((align(e) for e in internal), zero)
-    for lam, term in ((weights.kd, kd), (weights.hier, hier), (weights.feat, feat)):
-        if lam != 0:
-            loss = loss + lam * term
-    metrics = {f"nce/exit{e}": nce[e] for e in range(num_exits)}
-    metrics.update(kd=kd, hier=hier, feat=feat, loss=loss)
-    return loss, metrics
+    return hisd.add_distillation(loss, weights, {"nce": nce}, kd=kd, hier=hier, feat=feat)
 
 
 def candidate_sets(n: int, num_candidates: int = 1000, seed: int = 0) -> np.ndarray:
