@@ -4,10 +4,9 @@ uninterrupted run ends.
 The reference trains STEPS steps on 8 fake CPU devices with the state sharded over a
 (data 2, fsdp 4) mesh (FSDP). Then:
   * a copy of its workdir cut back to its checkpoint at step CUT (a run stopped there) resumes
-    on 1 device (fsdp 1: replicated; 4 devices: the case below, and checked by hand from this
-    8-device checkpoint too); Orbax reshards the state into
-    the new mesh, and the data position is exact because the global batch does not depend on
-    the device count;
+    on 4 devices (fsdp 4) and on 1 (replicated); Orbax reshards the state into the new mesh,
+    and the data position is exact because the global batch does not depend on the device
+    count;
   * 2 processes x 2 devices (fsdp 2 across the processes) are SIGKILLed once the step-CUT
     checkpoint is written, and resume as 1 process x 4 devices.
 Every resumed run ends equal to the reference (float tolerance). A resume with another global
@@ -24,6 +23,7 @@ import time
 import numpy as np
 import pytest
 from _workers import load_npz
+from conftest import xla_flags
 from test_multihost import base_env, check_launch, checkpoint_steps, finish, launch, read
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def train(workdir, arg, env, devices):
     """`_workers.py train` on `devices` fake CPU devices; its log file."""
     env = dict(env)
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = xla_flags(devices)
     log = open(f"{workdir}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "tests/_workers.py", "train", str(workdir), arg],
@@ -92,7 +92,7 @@ def reference(pytestconfig, tmp_path_factory):
     return root, env, workdir
 
 
-@pytest.mark.parametrize("devices", [1])  # on 4: the 2-process case below (suite time)
+@pytest.mark.parametrize("devices", [4, 1])
 def test_an_8_device_fsdp_checkpoint_resumes_on_fewer_devices(reference, devices):
     root, env, workdir = reference
     resumed = root / f"resumed_on_{devices}"
@@ -112,7 +112,7 @@ def test_a_resume_with_another_global_batch_is_refused(reference):
     done = subprocess.run(
         [sys.executable, "-m", "hisd_jax.main", f"--config=tests/_workers.py:{arg}",
          f"--workdir={other}"],
-        cwd=REPO, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        cwd=REPO, env={**env, "XLA_FLAGS": xla_flags(8)},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import pytest
 from _workers import cache_env, load_npz
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
@@ -66,12 +67,9 @@ def runs(case, pytestconfig, tmp_path_factory):
     env = {**os.environ, **cache_env(pytestconfig, tmp_path_factory)}
     env.pop("JAX_NUM_CPU_DEVICES", None)
     procs = {}
-    flags = env.pop("XLA_FLAGS", "")
     for label, devices, extra in SETTINGS[case]:
         out = str(out_dir / f"devices{label}")
-        device_env = dict(env)
-        if devices > 1:
-            device_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+        device_env = {**env, "XLA_FLAGS": xla_flags(devices if devices > 1 else None)}
         with open(out + ".log", "w") as log:  # a file: an unread pipe could fill up
             procs[label] = subprocess.Popen(
                 [
@@ -168,7 +166,7 @@ def test_a_run_trained_on_4_devices_is_evaluated_and_exported_on_1(pytestconfig,
 
     env = {**os.environ, **cache_env(pytestconfig, tmp_path)}
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = xla_flags(4)
     workdir = tmp_path / "run4"
     arg = "train__steps=8,train__checkpoint_every=4,train__batch_size=32,mesh__fsdp=4"
     proc = subprocess.run(

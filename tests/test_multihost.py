@@ -27,6 +27,7 @@ import time
 import numpy as np
 import pytest
 from _workers import cache_env, flat_state, get_config, load_npz, restore_latest
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -67,8 +68,9 @@ def free_port():
 
 def base_env(pytestconfig, tmp_path_factory):
     env = {**os.environ, **cache_env(pytestconfig, tmp_path_factory)}
-    for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "HISD_DISTRIBUTED"):
+    for k in ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "HISD_DISTRIBUTED"):
         env.pop(k, None)
+    env["XLA_FLAGS"] = xla_flags()  # the suite's flags, no device count (the launcher sets it)
     env["HISD_DUMP_STACKS_AFTER_S"] = str(TIMEOUT - 60)  # a hung job's logs say where it hung
     return env
 
