@@ -25,12 +25,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from hisd_jax import storage
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
         self.every = every
         self._mngr = ocp.CheckpointManager(
-            epath.Path(directory).absolute(),
+            epath.Path(storage.absolute(directory)),
             item_names=("state", "data", "extra"),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
@@ -125,7 +127,7 @@ class ItemStore:
 
     def __init__(self, directory: str, keep: int | None = None):
         self._mngr = ocp.CheckpointManager(
-            epath.Path(directory).absolute(),
+            epath.Path(storage.absolute(directory)),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 create=True,

@@ -21,7 +21,6 @@ sqrt(s_a²/n + s_b²/n)), and the claims of the methods' papers get a verdict
 """
 
 import copy
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from ml_collections import config_flags
 
 from hisd_jax import cli
 from hisd_jax import config as config_lib
-from hisd_jax import jsonio, parallel, provenance
+from hisd_jax import jsonio, parallel, provenance, storage
 from hisd_jax import sweep as sweep_lib
 
 FLAGS = flags.FLAGS
@@ -74,10 +73,9 @@ def run_config(base, overrides, name: str = ""):
 
 
 def load_results(path: str) -> dict | None:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return jsonio.read_json(path)
 
 
 # The metric a comparison tabulates: the first of these a run's results hold for the task.
@@ -143,7 +141,7 @@ def early_exit_reports(run_dirs: dict[str, str]) -> dict[str, dict]:
     reports = {}
     for name, run_dir in run_dirs.items():
         paths = {key: os.path.join(run_dir, f"early_exit_{key}.json") for key in EARLY_EXIT_POINTS}
-        if all(os.path.exists(p) for p in paths.values()):
+        if all(storage.exists(p) for p in paths.values()):
             for key, path in paths.items():
                 reports[f"{name}/{key}"] = load_results(path)
             continue
@@ -224,7 +222,7 @@ def plot(results: dict[str, dict], task: str, path: str, metric: str = "accuracy
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -254,7 +252,7 @@ def train_runs(configs: dict, workdir: str, only=()) -> tuple[dict, dict]:
     ({name: results}, {name: training seconds of the runs trained now})."""
     from hisd_jax import train  # noqa: PLC0415
 
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     results, times = {}, {}
     for name, cfg in configs.items():
         if only and name not in only:
@@ -630,6 +628,7 @@ def main(argv):
     t0 = time.perf_counter()
     try:
         seeds = parse_seeds(FLAGS.seeds)
+        storage.check_url(FLAGS.workdir)
         out = compare(FLAGS.config, FLAGS.workdir, FLAGS.only, seeds)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from hisd_jax import cli
-from hisd_jax import jsonio
+from hisd_jax import jsonio, storage
 from hisd_jax.inference import calibration, cascade, policies, thresholds
 from hisd_jax.inference import cost as cost_lib
 from hisd_jax.workdir import load_workdir, split_arrays
@@ -339,7 +339,7 @@ def early_exit_report(
         )
 
     report = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": storage.absolute(workdir),
         "name": exp.config.name,
         "task": info.name,
         "checkpoint_step": step,
@@ -403,7 +403,7 @@ def plot_tradeoff(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from hisd_jax import cli
-from hisd_jax import jsonio
+from hisd_jax import jsonio, storage
 from hisd_jax.inference import cascade
 from hisd_jax.inference import cost as cost_lib
 from hisd_jax.models import build_model, labels, model_section
@@ -166,12 +166,16 @@ def export_exit(workdir: str, exit_name, out_dir: str, *, exp=None, variables=No
         exported = jax.export.export(fn, platforms=PLATFORMS)(*specs)
     except Exception:  # noqa: BLE001 - a backend's lowering is missing: this platform only
         exported = jax.export.export(fn)(*specs)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
-        f.write(exported.serialize())
-    np.savez(os.path.join(out_dir, PARAMS_FILE), **flat)
+    storage.makedirs(out_dir)
+    serialized = exported.serialize()
+    storage.write_atomic(
+        os.path.join(out_dir, MODEL_FILE), lambda f: f.write(serialized), binary=True
+    )
+    storage.write_atomic(
+        os.path.join(out_dir, PARAMS_FILE), lambda f: np.savez(f, **flat), binary=True
+    )
     meta = {
-        "source_workdir": os.path.abspath(workdir),
+        "source_workdir": storage.absolute(workdir),
         "name": exp.config.name,
         "exit": exp.exit_names[e],
         "exit_index": e,
@@ -252,7 +256,7 @@ def exit_report(
         elif name in whole_split:
             row[f"{split}_mrr"] = whole_split[name]["mrr"]
         rows.append(row)
-    report = {"workdir": os.path.abspath(workdir), "task": task.name, "batch_size": batch_size,
+    report = {"workdir": storage.absolute(workdir), "task": task.name, "batch_size": batch_size,
               "split": split, "metric": metric, "exits": rows}  # fmt: skip
     jsonio.write_json(os.path.join(workdir, "export_report.json"), report)
     return report

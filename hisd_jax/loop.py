@@ -23,7 +23,7 @@ import time
 import jax
 from absl import logging
 
-from hisd_jax import checkpointing, jsonio, parallel, steps
+from hisd_jax import checkpointing, jsonio, parallel, steps, storage
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
 from hisd_jax import metrics as metrics_lib
@@ -96,12 +96,12 @@ def _get(tree: dict, dotted: str):
 
 def check_workdir_path(workdir: str) -> None:
     """Raises ConfigError (one line) for a workdir that cannot be one: empty, an existing file,
-    under a file, or in a directory we cannot write. Local paths only (a URL such as gs://...
-    is left to the storage layer). Creates nothing."""
+    under a file, or in a directory we cannot write; a URL of a scheme we cannot use or whose
+    file-system package is not installed (`storage.check_backend`). Creates nothing."""
     if not isinstance(workdir, str) or not workdir.strip():
         raise ConfigError(f"--workdir={workdir!r} is empty: name a directory")
-    if "://" in workdir:
-        return
+    if storage.is_url(workdir):
+        return storage.check_url(workdir)
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir={workdir!r} is a file, not a directory")
@@ -120,8 +120,8 @@ class WorkdirLock:
     Taken by process 0 of a job (the job's other processes share its workdir); a second run
     started on the same workdir raises `WorkdirError` naming the holder (pid and host, written
     into the file). The OS drops the lock when its process exits, however it exits, so a
-    crashed run leaves no stale lock. URLs (gs://...) and file systems without flock are not
-    locked.
+    crashed run leaves no stale lock. Object storage (gs://...) has no locks and file systems
+    without flock refuse it: those runs go unlocked, with a warning.
     """
 
     def __init__(self, workdir: str):
@@ -129,8 +129,15 @@ class WorkdirLock:
         self._file = None
 
     def __enter__(self):
-        if self._file is not None or "://" in self.path or jax.process_index() != 0:
+        if self._file is not None or jax.process_index() != 0:
             return self  # held already (prepare_workdir enters it), or not ours to take
+        if storage.is_object_store(self.path):
+            logging.warning(
+                "%s is on object storage, which has no locks: nothing stops a second run on "
+                "it from writing the same files",
+                os.path.dirname(self.path),
+            )
+            return self
         import fcntl  # noqa: PLC0415
         import socket  # noqa: PLC0415
 
@@ -145,8 +152,9 @@ class WorkdirLock:
                 f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it "
                 "to end or use another --workdir"
             ) from None
-        except OSError:  # no flock on this file system: run unlocked
+        except OSError as e:  # no flock on this file system: run unlocked
             f.close()
+            logging.warning("%s cannot be locked (%s): running unlocked", self.path, e)
             return self
         f.seek(0)
         f.truncate()
@@ -166,7 +174,7 @@ def prepare_workdir(workdir: str, config) -> WorkdirLock:
     the caller enters and holds for the run) and writes config.json once (atomically)."""
     changes = check_workdir_config(workdir, config)
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
     except OSError as e:  # e.g. a read-only or special file system
         raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from e
     lock = WorkdirLock(workdir).__enter__()
@@ -391,7 +399,7 @@ def restore_latest(exp: Experiment, workdir: str) -> tuple[TrainState, dict]:
     `init_state(exp)` (for tools and tests; the loop resumes with `Loop.restore_or_init`).
     FileNotFoundError if the workdir has no checkpoint."""
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise FileNotFoundError(f"no checkpoint in {directory}")
     ckpt = checkpointing.Checkpointer(directory, every=1, keep=None, async_save=False)
     try:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from hisd_jax import jsonio
+from hisd_jax import jsonio, storage
 
 ECE_BINS = 15
 
@@ -28,6 +28,9 @@ class MetricWriter:
     metrics.jsonl (rewritten atomically) and purged from TensorBoard, so every step is logged
     once. `write(..., once=True)` skips an event whose (step, split) is already in the file
     (the final evaluation of a rerun of a finished run, or of a run whose last step validated).
+
+    On object storage (`storage.is_object_store`), which cannot append, every event rewrites
+    the whole object (one upload of some kB: as tensorboardX does with its event files there).
     """
 
     def __init__(self, workdir: str, resume_step: int | None = None):
@@ -37,26 +40,40 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        path = os.path.join(workdir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                lines = [ln for ln in f if ln.strip()]
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._lines = None  # object storage: the file's lines, rewritten whole at each event
+        self._jsonl = None  # local disk: the file, appended to
+        lines = []
+        if resume_step is not None and storage.exists(self._path):
+            lines = [ln for ln in storage.read_text(self._path).splitlines(True) if ln.strip()]
             events = [json.loads(ln) for ln in lines]
             kept = [ln for ln, e in zip(lines, events) if e["step"] <= resume_step]
             if len(kept) != len(lines):
-                jsonio.write_text(path, "".join(kept))
+                jsonio.write_text(self._path, "".join(kept))
+            lines = kept
             self._logged = {(e["step"], e["split"]) for e in events if e["step"] <= resume_step}
-        self._jsonl = open(path, "a")
+        if storage.is_object_store(self._path):
+            self._lines = lines
+        else:
+            self._jsonl = open(self._path, "a")  # noqa: SIM115 (held for the run)
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), **purge)
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._lines.append(line)
+            jsonio.write_text(self._path, "".join(self._lines))
 
     def write(self, step: int, split: str, scalars: dict, once: bool = False) -> None:
         if not self.enabled or (once and (int(step), split) in self._logged):
             return
         self._logged.add((int(step), split))
         scalars = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-        self._jsonl.flush()
+        self._append({"step": int(step), "split": split, **scalars})
         for k, v in scalars.items():
             if math.isfinite(v):
                 self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -65,15 +82,13 @@ class MetricWriter:
     def event(self, step: int, name: str, details: dict) -> None:
         """A non-scalar record in metrics.jsonl: {"step", "split": "event", "event": name,
         "details"} (not in TensorBoard)."""
-        if not self.enabled:
-            return
-        record = {"step": int(step), "split": "event", "event": name, "details": details}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self.enabled:
+            self._append({"step": int(step), "split": "event", "event": name, "details": details})
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 

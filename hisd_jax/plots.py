@@ -21,7 +21,7 @@ import os
 
 from absl import app, flags
 
-from hisd_jax import cli
+from hisd_jax import cli, jsonio, storage
 from hisd_jax import data as data_lib
 from hisd_jax.mtl.tasks import task_specs
 from hisd_jax.workdir import load_config
@@ -30,8 +30,8 @@ PROG = "hisd_jax.plots"
 
 
 def _events(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    text = storage.read_text(os.path.join(workdir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def judging_metrics(config) -> dict[str, tuple[str, bool]]:
@@ -77,9 +77,8 @@ def kd_curves(workdirs: list[str], out: str) -> None:
         label = _label(w)
         results_path = os.path.join(w, "results.json")
         converged = {}
-        if os.path.exists(results_path):
-            with open(results_path) as f:
-                converged = json.load(f).get("kd", {}).get("converged_step", {})
+        if storage.exists(results_path):
+            converged = jsonio.read_json(results_path).get("kd", {}).get("converged_step", {})
         for ax, task in zip(axes[0], tasks):
             steps_values = curves[w].get(task, [])
             if not steps_values:
@@ -98,7 +97,7 @@ def kd_curves(workdirs: list[str], out: str) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("validation curves; o = converged, switched to its soft labels", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    storage.save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 
@@ -108,9 +107,8 @@ def alphavil_histories(workdir: str) -> dict:
     has finished, else from metrics.jsonl, whose epoch-e point holds the values in use during
     epoch e, i.e. after epoch e - 1 (the last epoch's update is then not yet known)."""
     path = os.path.join(workdir, "results.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            av = json.load(f).get("alphavil") or {}
+    if storage.exists(path):
+        av = jsonio.read_json(path).get("alphavil") or {}
         if av.get("weight_history"):
             return {"weight": av["weight_history"], "alpha": av["alpha_history"]}
     events = [e for e in _events(workdir) if e["split"] == "train" and "loss" in e]
@@ -148,7 +146,7 @@ def alphavil_weights(workdirs: list[str], out: str) -> None:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    storage.save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 
@@ -160,7 +158,10 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     workdirs = [w for w in flags.FLAGS.workdirs.split(",") if w]
-    missing = [w for w in workdirs if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
+    try:
+        missing = [w for w in workdirs if not storage.exists(os.path.join(w, "metrics.jsonl"))]
+    except OSError as e:
+        cli.fail(PROG, f"--workdirs: {e}")
     if not workdirs or missing:
         cli.fail(PROG, f"--workdirs: no metrics.jsonl in {', '.join(missing) or '(none given)'}")
     if flags.FLAGS.kind not in FIGURES:

@@ -15,6 +15,8 @@ import os
 
 from absl import logging
 
+from hisd_jax import storage
+
 
 def read_config_json(workdir: str) -> tuple[dict | None, str | None]:
     """(config.json of `workdir` as a dict, None), or (None, why) when the file is missing
@@ -22,8 +24,7 @@ def read_config_json(workdir: str) -> tuple[dict | None, str | None]:
     older version left 0 bytes). Raises nothing."""
     path = os.path.join(workdir, "config.json")
     try:
-        with open(path) as f:
-            stored = json.load(f)
+        stored = json.loads(storage.read_text(path))
     except FileNotFoundError:
         return None, "missing"
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -37,7 +38,7 @@ def checkpointed_config(workdir: str) -> dict | None:
     """The resolved config stored in the newest checkpoint of `workdir` that has one (every
     checkpoint carries it in its `extra` item), or None. Damaged steps are passed over."""
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return None
     from hisd_jax import checkpointing  # noqa: PLC0415 - Orbax only when there are checkpoints
 

@@ -46,7 +46,6 @@ one is an error, never a fallback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -56,7 +55,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hisd_jax import config as config_lib
-from hisd_jax import cli, jsonio, parallel
+from hisd_jax import cli, jsonio, parallel, storage
 from hisd_jax.mtl import delta_m as delta_m_lib
 from hisd_jax.mtl import tasks as tasks_lib
 
@@ -184,10 +183,9 @@ def _check_strategy(config) -> None:
 
 
 def _load(path):
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return jsonio.read_json(path)
 
 
 def execute(runs, workdir: str, train: bool = True) -> dict:
@@ -203,7 +201,7 @@ def execute(runs, workdir: str, train: bool = True) -> dict:
     for i, run in enumerate(runs):
         run_dir = os.path.join(workdir, run.subdir)
         results_path = os.path.join(run_dir, "results.json")
-        if os.path.exists(results_path):
+        if storage.exists(results_path):
             loop_lib.check_workdir_config(run_dir, run.config)
         results = _load(results_path)
         if results is None and train:
@@ -429,7 +427,7 @@ def sweep(
     runs = plan(config, methods, seeds, space, judge)
     judged = check_judge(config, judge)
     specs = [s for s in experiment.build_experiment(config).tasks if s.name in judged]
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if shard is not None:
         mine = runs[shard[0] :: shard[1]]
         outcomes = execute(mine, workdir, train)
@@ -454,11 +452,12 @@ def main(argv):
         import jax  # noqa: PLC0415
 
         cache = FLAGS.compilation_cache.replace("<workdir>", FLAGS.workdir)
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
+        jax.config.update("jax_compilation_cache_dir", storage.absolute(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     t0 = time.perf_counter()
     try:
+        storage.check_url(FLAGS.workdir)
         out = sweep(
             FLAGS.config,
             FLAGS.workdir,

@@ -17,6 +17,7 @@ from absl import logging
 import numpy as np
 
 from hisd_jax import config as config_lib
+from hisd_jax import storage
 from hisd_jax.data import eval_batches
 from hisd_jax.errors import WorkdirError
 from hisd_jax.stored_config import read_config_json, stored_config
@@ -25,7 +26,9 @@ from hisd_jax.stored_config import read_config_json, stored_config
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of a trained `workdir` (`stored_config`); fields added to `base_config` since
     the run take their defaults. FileNotFoundError naming config.json when the workdir holds no
-    config at all; WorkdirError when its config.json is damaged and no checkpoint records one."""
+    config at all; WorkdirError when its config.json is damaged and no checkpoint records one;
+    ConfigError for a URL this machine cannot read (`storage.check_url`)."""
+    storage.check_url(workdir)
     stored = stored_config(workdir)
     if stored is None:
         path = os.path.join(workdir, "config.json")
@@ -69,7 +72,7 @@ def load_workdir(workdir: str, *, with_step: bool = False):
     # the trainer's own restore: onto this process's devices, whatever the run trained on
     # (Orbax reshards), the newest checkpoint that reads cleanly
     state, data_state = loop_lib.restore_latest(exp, workdir)
-    if not os.path.exists(os.path.join(workdir, "results.json")):
+    if not storage.exists(os.path.join(workdir, "results.json")):
         logging.warning(
             "%s is unfinished (no results.json): using its latest checkpoint, step %d of %d",
             workdir,

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hisd_jax import jsonio
+from hisd_jax import jsonio, storage
 
 
 def test_writes_numpy_scalars_and_replaces(tmp_path):
@@ -25,8 +25,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, bad):
     path = tmp_path / "results.json"
     jsonio.write_json(path, {"step": 1})
     before = path.read_text()
-    # The first entries are serialised (and streamed into the temporary file) before the
-    # value json cannot handle (float() of it fails too) is reached.
+    # Big entries come before the value json cannot handle (float() of it fails too).
     obj = {"padding": ["x" * 100] * 1000, "bad": bad}
     with pytest.raises(TypeError):
         jsonio.write_json(path, obj)
@@ -41,7 +40,7 @@ def test_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(jsonio.os, "fsync", fail)
+    monkeypatch.setattr(storage.os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
         jsonio.write_json(path, {"step": 2})
     assert json.loads(path.read_text()) == {"step": 1}

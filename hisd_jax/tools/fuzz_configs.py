@@ -176,6 +176,7 @@ def config_cases() -> list[tuple[str, list[str], str]]:
         ("empty workdir", [*main, "--workdir="], "--workdir"),
         ("workdir is a file", [*main, "--workdir={tmp}/afile"], "--workdir"),
         ("workdir under a file", [*main, "--workdir={tmp}/afile/sub"], "--workdir"),
+        ("workdir URL scheme", [*main, "--workdir=ftp://host/run"], "--workdir"),
     ]
     return cases
 
