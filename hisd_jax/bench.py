@@ -93,6 +93,7 @@ def device_batches(exp, n: int):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        augment=exp.augment,
     )
     keys = exp.batch_keys(train=True)
     sharding = parallel.batch_sharded(exp.mesh)

@@ -16,6 +16,7 @@ import ml_collections
 
 from hisd_jax import models, parallel, programs
 from hisd_jax.data import DATASETS
+from hisd_jax.data import augment as augment_lib
 from hisd_jax.errors import ConfigError
 from hisd_jax.models import BACKBONES, DTYPES, exit_positions, model_section
 from hisd_jax.models.transformer import POOLS
@@ -26,7 +27,7 @@ from hisd_jax.mtl.tasks import check_metrics_field
 from hisd_jax.objectives.hisd import PRESETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "step")
 # Fields that may differ between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = (
     "train.log_every",
@@ -60,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tasks = ("sum",)  # task names offered by the data set
     c.data.seed = 0  # how the embedded data set is built (pairs, shifts, splits)
     c.data.kwargs = ml_collections.ConfigDict()  # passed to data.get_dataset (sizes, data_dir, ...)
+    # training-time augmentation of image inputs (data/augment.py): none | crop_flip (a random
+    # crop of the image zero-padded by crop_padding on each side, and a random left-right flip)
+    c.data.augment = "none"
+    c.data.crop_padding = 4
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet"  # one of models.BACKBONES
@@ -108,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.name = "adam"
     c.optimizer.lr = 1e-3
     c.optimizer.schedule = "cosine"
+    # schedule "step": lr multiplied by step_factor at each of step_fractions of the steps after
+    # warmup (ResNet/BYOT's "divide by 10 at 1/3 and 2/3 of training": (1/3, 2/3) and 0.1)
+    c.optimizer.step_fractions = (1 / 3, 2 / 3)
+    c.optimizer.step_factor = 0.1
     c.optimizer.warmup_steps = 0
     c.optimizer.weight_decay = 0.0
     c.optimizer.momentum = 0.9
@@ -302,6 +311,8 @@ def _validate_data(config) -> None:
     _one_of("data.name", config.data.name, DATASETS)
     _integer("seed", config.seed, 0, SEED_LIMIT)
     _integer("data.seed", config.data.seed, 0, SEED_LIMIT)
+    _one_of("data.augment", config.data.augment, augment_lib.AUGMENTATIONS)
+    _integer("data.crop_padding", config.data.crop_padding, 0, 1024)
     if not config.data.tasks:
         raise ConfigError("data.tasks is empty: name at least one task of the data set")
     tasks = tuple(config.data.tasks)
@@ -403,6 +414,20 @@ def _validate_optimizer(config) -> None:
     _positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
     _positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
     _integer("optimizer.warmup_steps", opt.warmup_steps, 0)
+    fractions = opt.step_fractions
+    if not (
+        isinstance(fractions, (tuple, list))
+        and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions)
+        and all(0 < f < 1 for f in fractions)
+        and all(a < b for a, b in zip(fractions, fractions[1:]))
+    ):
+        raise ConfigError(
+            f"optimizer.step_fractions={fractions!r} must be increasing fractions of training "
+            "in (0, 1), e.g. (1/3, 2/3)"
+        )
+    factor = opt.step_factor
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and 0 < factor <= 1):
+        raise ConfigError(f"optimizer.step_factor={factor!r} must lie in (0, 1]")
     momentum = opt.momentum
     if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum < 1):
         raise ConfigError(f"optimizer.momentum={momentum!r} must lie in [0, 1)")

@@ -15,6 +15,7 @@ import optax
 
 from hisd_jax import config as config_lib
 from hisd_jax import data as data_lib
+from hisd_jax.data import augment as augment_lib
 from hisd_jax import optim, parallel, programs
 from hisd_jax.errors import ConfigError
 from hisd_jax.models import build_model, exit_positions, model_section
@@ -70,6 +71,13 @@ class Experiment:
         return self._state_shardings
 
     @property
+    def augment(self):
+        """The training stream's augmentation (`data/augment.py`; None for data.augment='none'),
+        applied by the training `BatchIterator`."""
+        d = self.config.data
+        return augment_lib.build(d.augment, padding=d.crop_padding, key=self.dataset.input_key)
+
+    @property
     def exit_names(self):
         return self.model.exit_names
 
@@ -98,6 +106,14 @@ def build_experiment(config) -> Experiment:
         raise
     except (TypeError, ValueError) as e:  # a bad or unknown data.kwargs entry
         raise ConfigError(f"data.kwargs of data.name={config.data.name!r}: {e}") from e
+    if config.data.augment != "none" and (
+        len(dataset.image_shape) != 3 or not dataset.input_dtype.startswith("float")
+    ):
+        raise ConfigError(
+            f"data.augment={config.data.augment!r} needs images [H, W, C]; data.name="
+            f"{config.data.name!r} gives {dataset.input_dtype} {list(dataset.image_shape)} "
+            "(use data.augment='none')"
+        )
     tasks = task_specs(config, dataset.tasks)
     model_cfg = model_section(config)
     try:

@@ -223,8 +223,10 @@ class Loop:
             seed=exp.config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            augment=exp.augment,
         )
         self.writer = None  # opened by restore_or_init, which knows the step to resume from
+        self.jobs = []  # every job that ran this run (`job_record`), kept in its checkpoints
         self._config_json = json.loads(exp.config.to_json_best_effort(sort_keys=True))
         self.eval_step = steps.make_eval_step(exp)
         self._sharding = parallel.batch_sharded(exp.mesh)
@@ -245,13 +247,15 @@ class Loop:
     # ------------------------------------------------------------------ state
     def restore_or_init(self) -> TrainState:
         """The latest checkpoint's state (and iterator position), or a fresh state."""
-        state, resumed = init_state(self.exp), None
+        state, resumed, jobs = init_state(self.exp), None, []
         if self.ckpt.latest_step() is not None:
-            state, data_state = restore(self.exp, self.workdir, self.ckpt, state)
+            state, data_state, extra = restore(self.exp, self.workdir, self.ckpt, state)
             self.iterator.set_state(data_state)
             resumed = int(state.step)
+            jobs = list(extra.get("jobs", []))
             # a warning: shown by every command (they log warnings only), so a rerun says so
             logging.warning("Resumed from step %d in %s", resumed, self.workdir)
+        self.jobs = [*jobs, job_record(self.exp, resumed or 0)]
         self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=resumed)
         changes = check_workdir_config(self.workdir, self.exp.config)
         if changes and resumed is not None:  # a resume with a new lr, grad_clip or momentum
@@ -271,7 +275,11 @@ class Loop:
             view,
             self.iterator.get_state(),
             # what a resume compares against: the config, and the bytes (`restore`)
-            extra={"config": self._config_json, "digest": checkpointing.tree_digest(view)},
+            extra={
+                "config": self._config_json,
+                "digest": checkpointing.tree_digest(view),
+                "jobs": self.jobs,
+            },
             force=True,
         )
 
@@ -347,6 +355,18 @@ class Loop:
         return state, TrainInfo(start=start, end=step, wall_time_s=wall)
 
 
+def job_record(exp: Experiment, from_step: int) -> dict:
+    """Where one job of a run trained from `from_step` on: devices, processes, platform, mesh
+    (a resumed run's results list one per job: an elastic resume shows its device counts)."""
+    return {
+        "from_step": int(from_step),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
+    }
+
+
 def restore(
     exp: Experiment,
     workdir: str,
@@ -354,8 +374,8 @@ def restore(
     fresh: TrainState,
     set_aside: bool = True,
 ):
-    """(train state, iterator state) of the newest restorable checkpoint in `ckpt`, with the
-    program's artifacts (`Program.restore_artifacts`); `fresh` gives the structure and
+    """(train state, iterator state, extra JSON) of the newest restorable checkpoint in `ckpt`,
+    with the program's artifacts (`Program.restore_artifacts`); `fresh` gives the structure and
     shardings. A checkpoint that cannot be read (a damaged or missing file, an artifact it names
     gone) is skipped with a warning for the one before it and, with `set_aside`, renamed out of
     the way of new saves (`Checkpointer.set_aside`); WorkdirError (one line) if none can be.
@@ -387,7 +407,7 @@ def restore(
             if set_aside and bad > step:
                 path = ckpt.set_aside(bad)
                 logging.warning("Resuming from step %d; set aside %s", step, path)
-        return restored, data_state
+        return restored, data_state, extra or {}
     raise WorkdirError(
         f"no checkpoint in {workdir}/checkpoints can be restored ({'; '.join(problems)}); "
         "use a new --workdir"
@@ -405,7 +425,7 @@ def restore_latest(exp: Experiment, workdir: str) -> tuple[TrainState, dict]:
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        return restore(exp, workdir, ckpt, init_state(exp), set_aside=False)
+        return restore(exp, workdir, ckpt, init_state(exp), set_aside=False)[:2]
     finally:
         ckpt.close()
 

@@ -4,13 +4,18 @@ import optax
 
 
 def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup then the named decay ('constant', 'cosine' to 0, 'linear' to 0)."""
+    """Linear warmup then the named decay: 'constant', 'cosine' to 0, 'linear' to 0, or 'step'
+    (lr times `step_factor` at each of `step_fractions` of the decay steps, rounded down: the
+    step decay of He et al. 2016 and BYOT)."""
     lr, warm = opt_cfg.lr, opt_cfg.warmup_steps
     decay_steps = total_steps - warm
     decays = {
         "constant": lambda: optax.constant_schedule(lr),
         "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps),
         "linear": lambda: optax.linear_schedule(lr, 0.0, decay_steps),
+        "step": lambda: optax.piecewise_constant_schedule(
+            lr, {int(f * decay_steps): opt_cfg.step_factor for f in opt_cfg.step_fractions}
+        ),
     }
     decay = decays[opt_cfg.schedule]()
     if not warm:

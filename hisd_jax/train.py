@@ -4,7 +4,8 @@ Build the experiment (validating the config before anything compiles or touches 
 workdir), restore or initialise the state, run the loop with the config's training program,
 evaluate every (task, exit) on the validation and test splits, and write `results.json`.
 
-Workdir layout: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/, results.json.
+Workdir layout: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/, results.json. A
+workdir may be a local directory or a bucket URL (gs://...; `storage.py`).
 """
 
 import os
@@ -64,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "steps": config.train.steps,
                 "steps_taken": info.end,
                 "resumed_from": info.start,
+                "jobs": loop.jobs,  # one per job that ran it: its devices and mesh
                 "wall_time_s": info.wall_time_s,
                 "steps_per_s": (info.end - info.start) / info.wall_time_s
                 if info.end > info.start

@@ -40,7 +40,7 @@ ONE_OF_CASES = [
     ("model.name", "vgg", ("cnn", "resnet", "resnet18", "resnet50")),
     ("data.name", "imagenet21k", ("digits", "multidigits", "mnist", "cifar10")),
     ("optimizer.name", "lion", ("adam", "adamw", "sgd", "momentum", "nesterov")),
-    ("optimizer.schedule", "step", ("constant", "cosine", "linear")),
+    ("optimizer.schedule", "exponential", ("constant", "cosine", "linear", "step")),
     ("model.norm", "instance", ("batch", "group", "layer", "none")),
     ("model.stem", "vit", ("cifar", "imagenet", "none")),
     ("model.dtype", "float16", ("float32", "bfloat16")),
@@ -102,6 +102,13 @@ BAD_FIELD_CASES = [
     ("data.seed", -1, "data.seed=-1 must be an integer >= 0"),
     ("data.tasks", ("sum", "sum"), "names 'sum' twice"),
     ("train.eval_every", True, "train.eval_every=True must be an integer"),
+    ("optimizer.step_fractions", (0.6, 0.3), "optimizer.step_fractions=(0.6, 0.3) must be incr"),
+    ("optimizer.step_fractions", (0.5, 1.0), "optimizer.step_fractions"),
+    ("optimizer.step_fractions", ("a",), "optimizer.step_fractions"),
+    ("optimizer.step_factor", 0.0, "optimizer.step_factor=0.0 must lie in (0, 1]"),
+    ("optimizer.step_factor", 2.0, "optimizer.step_factor"),
+    ("data.augment", "mixup", "data.augment='mixup' is not one of"),
+    ("data.crop_padding", -1, "data.crop_padding=-1"),
 ]
 
 
@@ -307,3 +314,50 @@ def test_cli_config_errors_exit_2_without_touching_workdir(cli_runs, case):
     assert "Traceback" not in err, err[-2000:]
     assert re.search(r"config error: .+", lines[0])
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_step_schedule_divides_the_lr_at_each_fraction_of_training(warmup):
+    """'step': lr x factor at each fraction of the steps after warmup (closed form)."""
+    from hisd_jax import optim  # noqa: PLC0415
+
+    config = set_field(tiny_config(), "optimizer.schedule", "step")
+    opt = config.optimizer
+    opt.lr, opt.step_fractions, opt.step_factor, opt.warmup_steps = 0.1, (0.25, 0.5), 0.1, warmup
+    validate(config)
+    total = 130
+    lr = optim.schedule(opt, total)
+    decay = total - warmup  # 130 or 120: boundaries at 32, 65 or 30, 60 steps after warmup
+    b1, b2 = int(0.25 * decay), int(0.5 * decay)
+    for step, want in [
+        (warmup, 0.1),
+        (warmup + b1 - 1, 0.1),
+        (warmup + b1, 0.01),
+        (warmup + b2 - 1, 0.01),
+        (warmup + b2, 0.001),
+        (total - 1, 0.001),
+    ]:
+        assert float(lr(step)) == pytest.approx(want, rel=1e-6), step
+    if warmup:
+        assert float(lr(warmup // 2)) == pytest.approx(0.05, rel=1e-6)  # linear warmup
+
+
+TRAINING_CONFIGS = sorted(
+    f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py") and "compare" not in f
+)
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
+def test_every_training_config_file_validates(name):
+    """Each config file the README and docstrings name, paper-scale ones included (their data
+    is not here, so only the config is checked)."""
+    config = config_lib.config_from_file(os.path.join(REPO, "configs", name))
+    validate(config)
+    if name == "byot_cifar100_resnet18.py":  # BYOT's recipe (Zhang et al., 2019)
+        assert config.data.augment == "crop_flip" and config.data.crop_padding == 4
+        assert config.optimizer.schedule == "step" and config.optimizer.step_factor == 0.1
+        assert (config.optimizer.name, config.optimizer.lr, config.train.batch_size) == (
+            "momentum",
+            0.1,
+            128,
+        )

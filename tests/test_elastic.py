@@ -13,6 +13,7 @@ Every resumed run ends equal to the reference (float tolerance). A resume with a
 batch size is refused in one line.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -77,6 +78,11 @@ def final(workdir):
     }
 
 
+def jobs(workdir):
+    with open(workdir / "results.json") as f:
+        return json.load(f)["train"]["jobs"]
+
+
 def assert_same(got, want):
     assert sorted(got) == sorted(want)
     for k in want:
@@ -100,6 +106,11 @@ def test_an_8_device_fsdp_checkpoint_resumes_on_fewer_devices(reference, devices
     wait(train(resumed, ARG + mesh(min(devices, 4)), env, devices), resumed)
     assert f"Resumed from step {CUT}" in read(f"{resumed}.log")
     assert_same(final(resumed), final(workdir))
+    # results.json names both jobs: where the run started, and where it resumed
+    assert [(j["from_step"], j["devices"], j["processes"], j["mesh"]) for j in jobs(resumed)] == [
+        (0, 8, 1, {"data": 2, "fsdp": 4}),
+        (CUT, devices, 1, {"data": devices // min(devices, 4), "fsdp": min(devices, 4)}),
+    ]
 
 
 def test_a_resume_with_another_global_batch_is_refused(reference):
@@ -142,3 +153,9 @@ def test_2_processes_killed_resume_as_1_process_on_4_devices(
     wait(train(multi, ARG + mesh(4), env, 4), multi)
     assert "Resumed from step" in read(f"{multi}.log")
     assert_same(final(multi), final(workdir))
+    resumed_at = jobs(multi)[1]["from_step"]
+    assert [(j["from_step"], j["devices"], j["processes"], j["mesh"]) for j in jobs(multi)] == [
+        (0, 4, 2, {"data": 2, "fsdp": 2}),
+        (resumed_at, 4, 1, {"data": 1, "fsdp": 4}),
+    ]
+    assert CUT <= resumed_at < STEPS

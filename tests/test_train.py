@@ -105,6 +105,10 @@ def test_results_structure(run):
     assert results["train"]["steps"] == config.train.steps
     assert results["train"]["resumed_from"] == 0
     assert results["train"]["steps_per_s"] > 0
+    assert results["train"]["jobs"] == [
+        {"from_step": 0, "devices": 1, "processes": 1, "platform": "cpu",
+         "mesh": {"data": 1, "fsdp": 1}}
+    ]  # fmt: skip
 
     with open(os.path.join(workdir, "results.json")) as f:
         on_disk = json.load(f)

@@ -12,6 +12,10 @@ iterator's state is the step counter, so a resume is exact. An epoch is
 Every batch, of the training stream and of `eval_batches`, carries 'position' int32 [n]: the
 row of each example in its split (the argument of `Source.get_batch` that produced it), set
 here so that every source has it.
+
+An `augment` (`augment.CropFlip`) transforms the training stream's batches: its draws for
+global batch s come from `np.random.default_rng([seed, augment.STREAM, s])` for every row, and
+each process applies its own rows', so the augmented batch too depends only on (seed, s).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+
+from hisd_jax.data import augment as augment_lib
 
 _PUT_TIMEOUT = 0.1  # seconds between checks of the stop flag while the queue is full
 _CACHED_EPOCHS = 4  # permutations kept by _Loader
@@ -62,8 +68,10 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
 class _Loader:
     """Loads this process's slice of global batch `step`; keeps recent epoch permutations."""
 
-    def __init__(self, source, global_batch_size, local_batch_size, process_index, seed, shuffle):
-        self.source, self.n = source, len(source)
+    def __init__(
+        self, source, global_batch_size, local_batch_size, process_index, seed, shuffle, augment
+    ):
+        self.source, self.n, self.augment = source, len(source), augment
         self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
         self.offset = process_index * local_batch_size
         self.seed, self.shuffle = seed, shuffle
@@ -92,7 +100,13 @@ class _Loader:
         return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return with_positions(self.source, self.indices(step))
+        batch = with_positions(self.source, self.indices(step))
+        if self.augment is None:
+            return batch
+        rng = np.random.default_rng([self.seed, augment_lib.STREAM, step])
+        draws = self.augment.draw(rng, self.global_batch_size)  # every row of the global batch
+        mine = slice(self.offset, self.offset + self.local_batch_size)
+        return self.augment.apply(batch, {k: v[mine] for k, v in draws.items()})
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -135,6 +149,7 @@ class BatchIterator:
         process_index: int = 0,
         process_count: int = 1,
         prefetch: int = 2,
+        augment: augment_lib.CropFlip | None = None,
     ):
         self._thread: threading.Thread | None = None  # first, for __del__ if a check fails
         local = _local_batch_size(global_batch_size, process_index, process_count)
@@ -142,7 +157,9 @@ class BatchIterator:
             raise ValueError("cannot iterate over an empty source")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        self._load = _Loader(source, global_batch_size, local, process_index, seed, shuffle)
+        self._load = _Loader(
+            source, global_batch_size, local, process_index, seed, shuffle, augment
+        )
         self._seed, self._prefetch, self._step = seed, prefetch, 0
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()

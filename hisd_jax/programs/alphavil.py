@@ -42,6 +42,7 @@ import optax
 from absl import logging
 
 from hisd_jax import data as data_lib
+from hisd_jax.data import augment as augment_lib
 from hisd_jax import optim, parallel, steps
 from hisd_jax.config import OPTIMIZERS
 from hisd_jax.errors import ConfigError
@@ -243,7 +244,9 @@ class AlphaVILProgram(Program):
     def sampled_batches(self, split: str, epoch: int, salt: int, count: int, size: int):
         """`count` global batches of `size` rows of `split` drawn without replacement (with it
         when the split is smaller) by (config.seed, salt, epoch) alone; this process's block of
-        each, sharded like a training batch."""
+        each, sharded like a training batch. Training rows are augmented like the training
+        stream (`Experiment.augment`), each example by its own draw of (seed, salt, epoch), so
+        the batches do not depend on the process count."""
         exp = self.exp
         source = exp.dataset.splits[split]
         local = size // jax.process_count()
@@ -257,10 +260,16 @@ class AlphaVILProgram(Program):
         )
         keys = exp.batch_keys(train=True)
         sharding = parallel.batch_sharded(exp.mesh)
+        augment = exp.augment if split == "train" else None
+        if augment is not None:  # one draw per example of the split, indexed by its row
+            aug_rng = np.random.default_rng([exp.config.seed, salt, epoch, augment_lib.STREAM])
+            draws = augment.draw(aug_rng, len(source))
         out = []
         for i in range(count):
             block = rows[i * size : (i + 1) * size][start : start + local]
             batch = data_lib.with_positions(source, np.sort(block))
+            if augment is not None:
+                batch = augment.apply(batch, {k: v[batch["position"]] for k, v in draws.items()})
             out.append(parallel.global_batch({k: batch[k] for k in keys}, sharding))
         return out
 
