@@ -26,7 +26,7 @@ class MetricWriter:
     `resume_step`: the step a resumed run continues from. Events logged after it by the
     interrupted run (it died between a log step and its next checkpoint) are dropped from
     metrics.jsonl (rewritten atomically) and purged from TensorBoard, so every step is logged
-    once. `write(..., once=True)` skips an event whose (step, split) is already in the file
+    once; a fresh start (None) drops every event of a run killed before its first checkpoint. `write(..., once=True)` skips an event whose (step, split) is already in the file
     (the final evaluation of a rerun of a finished run, or of a run whose last step validated).
 
     On object storage (`storage.is_object_store`), which cannot append, every event rewrites
@@ -44,14 +44,16 @@ class MetricWriter:
         self._lines = None  # object storage: the file's lines, rewritten whole at each event
         self._jsonl = None  # local disk: the file, appended to
         lines = []
-        if resume_step is not None and storage.exists(self._path):
+        if storage.exists(self._path):  # a fresh start keeps none (a run killed before its
+            # first checkpoint logged nothing a rerun keeps)
+            last = -1 if resume_step is None else resume_step
             lines = [ln for ln in storage.read_text(self._path).splitlines(True) if ln.strip()]
             events = [json.loads(ln) for ln in lines]
-            kept = [ln for ln, e in zip(lines, events) if e["step"] <= resume_step]
+            kept = [ln for ln, e in zip(lines, events) if e["step"] <= last]
             if len(kept) != len(lines):
                 jsonio.write_text(self._path, "".join(kept))
             lines = kept
-            self._logged = {(e["step"], e["split"]) for e in events if e["step"] <= resume_step}
+            self._logged = {(e["step"], e["split"]) for e in events if e["step"] <= last}
         if storage.is_object_store(self._path):
             self._lines = lines
         else:

@@ -481,6 +481,11 @@ def test_a_resumed_run_drops_the_events_logged_after_its_checkpoint(tmp_path):
     writer.close()
     events = read_jsonl(str(tmp_path))
     assert [(e["step"], e["loss"]) for e in events] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    # A run killed before its first checkpoint starts afresh: its events are dropped.
+    writer = MetricWriter(str(tmp_path), resume_step=None)
+    writer.write(1, "train", {"loss": 10.0})
+    writer.close()
+    assert [(e["step"], e["loss"]) for e in read_jsonl(str(tmp_path))] == [(1, 10.0)]
 
 
 def test_a_lost_config_json_is_replaced_by_the_checkpoints_own(run, tmp_path):
