@@ -5,7 +5,7 @@ TPU pods. Data: `pycode_search` (the embedded code corpus, configs/mose_pycode.p
 Multi-GPU node, FSDP over 8 GPUs, bf16 compute:
   python -m hisd_jax.main --config configs/bert_base_pycode.py:fsdp=8 --workdir runs/bert_pycode
 TPU pod slice (each worker the same command; workdir every worker sees):
-  launch/tpu_pod.sh TPU_NAME ZONE configs/bert_base_pycode.py:fsdp=4 /mnt/shared/runs/bert_pycode
+  launch/tpu_pod.sh TPU_NAME ZONE configs/bert_base_pycode.py:fsdp=4 gs://BUCKET/runs/bert_pycode
 Every preset and the dedicated models: configs/compare_mose_pycode.py with this base (edit its
 `base` line), or one preset: configs/bert_base_pycode.py:preset=mose.
 Memory per device: XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m hisd_jax.bench

@@ -8,14 +8,14 @@ Published (BYOT, Table 1, ResNet-18 on CIFAR-100, test accuracy per exit): 67.85
 (data.augment "crop_flip").
 
 Needs TFDS `cifar100` prepared beforehand (nothing is downloaded):
-  python -c "import tensorflow_datasets as tfds; tfds.builder('cifar100').download_and_prepare()"
+  python -c "import tensorflow_datasets as tfds; tfds.builder('cifar100').download_and_prepare(file_format='array_record')"
 Multi-GPU node (every local GPU; `pip install -U "jax[cuda12]"`), data parallel:
   python -m hisd_jax.main --config configs/byot_cifar100_resnet18.py --workdir runs/byot_c100
 TPU pod slice (each worker runs the same command; the workdir in a bucket every worker sees,
 `pip install gcsfs google-cloud-storage` on the workers):
   launch/tpu_pod.sh TPU_NAME ZONE configs/byot_cifar100_resnet18.py gs://BUCKET/runs/byot_c100
 Variants: configs/byot_cifar100_resnet18.py:preset=hisd,seed=1,epochs=200,fsdp=1
-Expected: ~1 h on one A100-class GPU for 200 epochs (78,000 steps of 128); not measured here.
+Expected: ~1 h on one A100-class GPU for 200 epochs (70,200 steps of 128); not measured here.
 """
 
 from hisd_jax.config import base_config, parse_arg

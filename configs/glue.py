@@ -1,14 +1,17 @@
 """A GLUE task through the multi-exit Transformer encoder (for users with network).
 
 Data: `glue/<task>` from TFDS through `tfds.data_source` (`hisd_jax/data/glue.py`): prepare it
-once with network (e.g. `tfds build glue/sst2`, or `tfds.builder("glue/sst2").download_and_prepare()`),
+once with network, in a random-access format:
+  python -c "import tensorflow_datasets as tfds; tfds.builder('glue/sst2').download_and_prepare(file_format='array_record')"
 then nothing is downloaded. Train = the TFDS train split less its last 10% (val); test = the TFDS
 validation split (GLUE's test labels are hidden). A BPE tokenizer is trained on the training
 texts the first time and cached in ~/.cache/hisd_jax/glue. Model: a pre-LN encoder, width 128,
 4 heads, 2 layers per stage and an exit after each of 3 stages (6 layers); HiSD loss.
 
-Run:
+Run (one machine: every local GPU, data parallel; `pip install -U "jax[cuda12]"`):
   python -m hisd_jax.main --config configs/glue.py:task=sst2 --workdir runs/glue_sst2
+TPU pod slice (each worker runs the same command; `pip install gcsfs google-cloud-storage`):
+  launch/tpu_pod.sh TPU_NAME ZONE configs/glue.py:task=mnli gs://BUCKET/runs/glue_mnli
 Variants: configs/glue.py:task=mnli,preset=sdn,steps=20000,seed=1 (task: cola, sst2, mrpc, qqp,
 stsb (regression), mnli, qnli, rte, wnli); --config.data.kwargs.data_dir=/path/to/tfds.
 Expected: on one GPU a few minutes for the default 5000 steps of 64 examples; test accuracy per

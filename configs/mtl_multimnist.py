@@ -6,7 +6,7 @@ shifted by up to 4 px) resized to 28x28 (hisd_jax/data/tfds_sources.py). Shared 
 final exit, final_only objective; 5000 Adam steps (~12 epochs) at batch 128.
 
 Needs the TFDS `mnist` data prepared beforehand (nothing is downloaded):
-  python -c "import tensorflow_datasets as tfds; tfds.builder('mnist').download_and_prepare()"
+  python -c "import tensorflow_datasets as tfds; tfds.builder('mnist').download_and_prepare(file_format='array_record')"
 Run:
   python -m hisd_jax.main --config configs/mtl_multimnist.py:method=pcgrad --workdir runs/mm
 Variants: configs/mtl_multimnist.py:method=mgda,space=rep,seed=1,steps=2000,data_dir=/data

@@ -13,7 +13,7 @@ devices here, the same numbers per device on 8 GPUs):
 Multi-GPU node (one process sees all local GPUs), FSDP over the 8 GPUs, bf16 compute:
   python -m hisd_jax.main --config configs/resnet50_imagenet.py:fsdp=8 --workdir runs/r50
 TPU v4-32 pod slice (16 chips), FSDP within each host's 4 chips, data parallel across hosts:
-  launch/tpu_pod.sh TPU_NAME ZONE configs/resnet50_imagenet.py:fsdp=4 /mnt/shared/runs/r50
+  launch/tpu_pod.sh TPU_NAME ZONE configs/resnet50_imagenet.py:fsdp=4 gs://BUCKET/runs/r50
 Variants: configs/resnet50_imagenet.py:preset=hisd,fsdp=8,dtype=float32,remat=1,batch=1024
 Expected: on the synthetic data nothing is learnt (chance: 0.1%); step time and memory are what
 it is for (see the README's scaling section for the measured memory table).

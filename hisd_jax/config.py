@@ -425,6 +425,11 @@ def _validate_optimizer(config) -> None:
             f"optimizer.step_fractions={fractions!r} must be increasing fractions of training "
             "in (0, 1), e.g. (1/3, 2/3)"
         )
+    if opt.schedule == "step" and not fractions:
+        raise ConfigError(
+            "optimizer.step_fractions=() is empty: optimizer.schedule='step' needs at least one "
+            "point to multiply the lr by optimizer.step_factor"
+        )
     factor = opt.step_factor
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and 0 < factor <= 1):
         raise ConfigError(f"optimizer.step_factor={factor!r} must lie in (0, 1]")

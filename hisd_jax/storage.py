@@ -1,8 +1,9 @@
 """Workdir files on a local disk or on object storage (gs://, s3://), through `etils.epath`.
 
 Every file the project writes or reads in a workdir besides Orbax's checkpoints (config.json,
-metrics.jsonl, results.json, reports, plots, the lock) goes through here; Orbax takes the same
-paths. A local path and a URL run the same code; what differs is what the storage offers:
+metrics.jsonl, results.json, reports, plots, exports) goes through here; Orbax takes the same
+paths. (The run's lock, `loop.WorkdirLock`, is an flock on a local disk; object storage has
+none.) A local path and a URL run the same code; what differs is what the storage offers:
 
   local disk       rename is atomic, files can be appended to, `flock` works
   object storage   one object is written whole or not at all (a reader sees the old object

@@ -340,6 +340,8 @@ def test_step_schedule_divides_the_lr_at_each_fraction_of_training(warmup):
         assert float(lr(step)) == pytest.approx(want, rel=1e-6), step
     if warmup:
         assert float(lr(warmup // 2)) == pytest.approx(0.05, rel=1e-6)  # linear warmup
+    opt.step_fractions = ()
+    assert_config_error(config, "optimizer.step_fractions=() is empty")
 
 
 TRAINING_CONFIGS = sorted(

@@ -231,3 +231,23 @@ def test_the_glue_config_builds_its_experiment(mock, tmp_path):
     assert exp.dataset.input_key == "tokens" and exp.dataset.image_shape == (16,)
     assert exp.model.num_exits == 3 and exp.task_names == ("label",)
     assert exp.tasks[0].num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", [("cifar100", {}), ("multimnist", {}), ("glue", {"config": "sst2"})]
+)
+def test_a_data_set_not_prepared_is_refused_in_one_line_naming_the_command(tmp_path, name, kwargs):
+    """No data in data_dir (TFDS raises a KeyError about empty splits; a TFRecord-only
+    preparation raises NotImplementedError the same way): one ConfigError line naming the data
+    set and the command that prepares it in a format tfds.data_source reads."""
+    from hisd_jax.errors import ConfigError  # noqa: PLC0415
+
+    tfds_name = {"multimnist": "mnist", "glue": "glue/sst2"}.get(name, name)
+    with pytest.raises(ConfigError) as e:
+        get_dataset(name, data_dir=str(tmp_path), **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and f"TFDS '{tfds_name}'" in message
+    assert (
+        f"tfds.builder('{tfds_name}').download_and_prepare(file_format='array_record')" in message
+    )
+    assert os.listdir(tmp_path) == []  # nothing downloaded or created

@@ -26,11 +26,10 @@ import os
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
 from hisd_jax.data import Dataset, TaskInfo
 from hisd_jax.data.bpe import train_bpe
-from hisd_jax.data.tfds_sources import GrainSource
+from hisd_jax.data.tfds_sources import GrainSource, data_source
 
 # config -> its text fields (one, or a pair)
 TEXTS = {
@@ -126,10 +125,7 @@ def glue(
         raise ValueError(f"data.kwargs.max_len={max_len} must be in [2, 4096]")
     name = f"glue/{config}"
     test_split = "validation_matched" if config == "mnli" else "validation"
-    train, test = (
-        tfds.data_source(name, split=s, data_dir=data_dir, download=False)
-        for s in ("train", test_split)
-    )
+    train, test = (data_source(name, s, data_dir) for s in ("train", test_split))
     n_val = round(len(train) * val_fraction)
     if not 0 < n_val < len(train):
         raise ValueError(

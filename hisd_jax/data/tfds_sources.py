@@ -17,21 +17,25 @@ is generated lazily and deterministically. 'index' is i. Tasks: 'left' (the targ
 Normalisation (`NORMALIZATION`, per channel, on [0, 1] pixels): the usual published training-set
 statistics; multimnist uses the MNIST ones.
 
-Nothing is downloaded (`download=False`): prepare the data with TFDS beforehand and pass
-`data_dir` if it is not TFDS's default directory. The `seed` of mnist/cifar is unused (their
+Nothing is downloaded (`download=False`): prepare the data with TFDS beforehand, in a
+random-access file format (`prepare_command`), and pass `data_dir` if it is not TFDS's default
+directory; a data set that is not there so is refused in one line (`data_source`). The `seed` of mnist/cifar is unused (their
 splits are fixed); it is accepted so that every builder has the same signature.
 """
 
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from PIL import Image
 
 from hisd_jax.data import Dataset, TaskInfo
+from hisd_jax.errors import ConfigError
 
 NORMALIZATION = {  # name -> (mean, std) per channel
     "mnist": ((0.1307,), (0.3081,)),
@@ -56,12 +60,39 @@ class GrainSource:
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
+def prepare_command(name: str) -> str:
+    """The command that prepares TFDS data set `name` once (with network) in a format
+    `tfds.data_source` reads (TFDS's default, TFRecord, has no random access)."""
+    return (
+        'python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{name}').download_and_prepare(file_format='array_record')\""
+    )
+
+
+def data_source(name: str, split: str, data_dir):
+    """`tfds.data_source(name, split)` without downloading. ConfigError (one line) when the data
+    set is not prepared in `data_dir` (None: TFDS's default directory) in a random-access
+    format, naming the command that prepares it."""
+    logger = absl_logging.get_absl_logger()  # TFDS warns about a missing dataset_info.json
+    level = logger.level  # in the same breath: the error below says it in its one line
+    logger.setLevel(std_logging.ERROR)
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - KeyError (no splits), NotImplementedError (TFRecord),
+        # DatasetNotFoundError, ...: all mean the same to the user
+        why = " ".join(str(e).split())[:160]
+        where = data_dir or "TFDS's default directory"
+        raise ConfigError(
+            f"data.name: TFDS {name!r} split {split!r} cannot be read from {where} ({type(e).__name__}: "
+            f"{why}); prepare it once with network: {prepare_command(name)}"
+        ) from None
+    finally:
+        logger.setLevel(level)
+
+
 def _splits(name: str, data_dir, val_fraction: float) -> dict[str, tuple]:
     """split -> (TFDS data source, first, stop): the split is records [first, stop) of it."""
-    train, test = (
-        tfds.data_source(name, split=s, data_dir=data_dir, download=False)
-        for s in ("train", "test")
-    )
+    train, test = (data_source(name, s, data_dir) for s in ("train", "test"))
     n_val = round(len(train) * val_fraction)
     if not 0 < n_val < len(train):
         raise ValueError(
