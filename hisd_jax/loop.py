@@ -127,11 +127,13 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, ".lock")
         self._file = None
+        self._unlocked = False  # entered, but nothing to lock (object storage, no flock)
 
     def __enter__(self):
-        if self._file is not None or jax.process_index() != 0:
+        if self._file is not None or self._unlocked or jax.process_index() != 0:
             return self  # held already (prepare_workdir enters it), or not ours to take
         if storage.is_object_store(self.path):
+            self._unlocked = True
             logging.warning(
                 "%s is on object storage, which has no locks: nothing stops a second run on "
                 "it from writing the same files",
@@ -155,6 +157,7 @@ class WorkdirLock:
         except OSError as e:  # no flock on this file system: run unlocked
             f.close()
             logging.warning("%s cannot be locked (%s): running unlocked", self.path, e)
+            self._unlocked = True
             return self
         f.seek(0)
         f.truncate()
@@ -164,6 +167,7 @@ class WorkdirLock:
         return self
 
     def __exit__(self, *_):
+        self._unlocked = False
         if self._file is not None:
             self._file.close()  # closing releases the flock
             self._file = None
