@@ -188,23 +188,18 @@ def test_two_runs_racing_for_one_workdir_exactly_one_trains(pytestconfig, tmp_pa
 
 
 @pytest.mark.parametrize("after", ["config.json", "metrics.jsonl"])
-def test_sigterm_during_start_up_leaves_a_workdir_that_reruns(
-    pytestconfig, tmp_path_factory, after
-):
+def test_sigterm_during_start_up_leaves_a_workdir_that_reruns(tmp_path, env, reference, after):
     """SIGTERM as soon as `after` exists (start-up: the workdir and config.json are written,
-    no checkpoint yet): the rerun of the same command trains from step 0 to the end, equal to
-    an uninterrupted run."""
-    env = cache_env(pytestconfig, tmp_path_factory)
-    arg = "train__steps=12,train__checkpoint_every=4"
-    root = tmp_path_factory.mktemp(f"startup_{after.split('.')[0]}")
-    straight, killed = root / "straight", root / "killed"
-    run(straight, arg, env)
-    proc = start(killed, arg, env)
+    no checkpoint yet, or the preemption checkpoint of the first steps): the rerun of the same
+    command finishes the run, equal to an uninterrupted run (the module's reference, the same
+    config)."""
+    killed = tmp_path / "killed"
+    proc = start(killed, RARE, env)
     deadline = time.monotonic() + TIMEOUT
     while not (killed / after).exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "the run never wrote " + after
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     finish(proc)
-    run(killed, arg, env)
-    assert_states_equal(killed / "final_state.npz", straight / "final_state.npz")
+    run(killed, RARE, env)
+    assert_states_equal(killed / "final_state.npz", reference())
