@@ -26,8 +26,9 @@ class MetricWriter:
     `resume_step`: the step a resumed run continues from. Events logged after it by the
     interrupted run (it died between a log step and its next checkpoint) are dropped from
     metrics.jsonl (rewritten atomically) and purged from TensorBoard, so every step is logged
-    once; a fresh start (None) drops every event of a run killed before its first checkpoint. `write(..., once=True)` skips an event whose (step, split) is already in the file
-    (the final evaluation of a rerun of a finished run, or of a run whose last step validated).
+    once; a fresh start (None) drops every event of a run killed before its first checkpoint.
+    `write(..., once=True)` skips an event whose (step, split) is already in the file (the final
+    evaluation of a rerun of a finished run, or of a run whose last step validated).
 
     On object storage (`storage.is_object_store`), which cannot append, every event rewrites
     the whole object (one upload of some kB: as tensorboardX does with its event files there).

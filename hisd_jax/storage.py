@@ -68,7 +68,7 @@ def check_backend(path) -> str | None:
 def check_url(path, flag: str = "workdir") -> None:
     """ConfigError (one line, naming `--flag`) when `path` is a URL this machine cannot use
     (`check_backend`); nothing for a local path."""
-    problem = check_backend(path) if is_url(path) else None
+    problem = check_backend(path)
     if problem:
         from hisd_jax.errors import ConfigError  # noqa: PLC0415
 
@@ -91,7 +91,7 @@ def absolute(path) -> str:
 
 def _path(path) -> epath.Path:
     """`path` as an epath.Path; OSError (one line) for a URL this machine cannot use."""
-    problem = check_backend(path) if is_url(path) else None
+    problem = check_backend(path)
     if problem:
         raise OSError(f"{os.fspath(path)}: {problem}")
     return epath.Path(path)

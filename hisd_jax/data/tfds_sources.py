@@ -19,8 +19,9 @@ statistics; multimnist uses the MNIST ones.
 
 Nothing is downloaded (`download=False`): prepare the data with TFDS beforehand, in a
 random-access file format (`prepare_command`), and pass `data_dir` if it is not TFDS's default
-directory; a data set that is not there so is refused in one line (`data_source`). The `seed` of mnist/cifar is unused (their
-splits are fixed); it is accepted so that every builder has the same signature.
+directory; a data set not prepared so is refused in one line (`data_source`). The `seed` of
+mnist/cifar is unused (their splits are fixed); it is accepted so that every builder has the
+same signature.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def data_source(name: str, split: str, data_dir):
         why = " ".join(str(e).split())[:160]
         where = data_dir or "TFDS's default directory"
         raise ConfigError(
-            f"data.name: TFDS {name!r} split {split!r} cannot be read from {where} ({type(e).__name__}: "
-            f"{why}); prepare it once with network: {prepare_command(name)}"
+            f"data.name: TFDS {name!r} split {split!r} cannot be read from {where} "
+            f"({type(e).__name__}: {why}); prepare it once with network: {prepare_command(name)}"
         ) from None
     finally:
         logger.setLevel(level)
