@@ -171,10 +171,7 @@ def quiet_failed_reads():
     level, hook = log.level, sys.unraisablehook
 
     def unraisable(u):
-        echo = inspect.iscoroutine(u.object) or (
-            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
-        )
-        if not echo:
+        if not (inspect.iscoroutine(u.object) or _loop_closed_echo(u)):
             hook(u)
 
     log.setLevel(std_logging.CRITICAL)
@@ -185,8 +182,28 @@ def quiet_failed_reads():
         with warnings.catch_warnings():  # "coroutine ... was never awaited", the same echo
             warnings.simplefilter("ignore", RuntimeWarning)
             gc.collect()  # the failed reads' coroutines are reported when collected: here
-        sys.unraisablehook = hook
+        # TensorStore's native callbacks of those reads can still arrive after this point, on a
+        # loop Orbax has closed ("Event loop is closed", from call_soon_threadsafe): the hook
+        # left behind drops that echo, and only that, for the rest of the process
+        sys.unraisablehook = _without_loop_closed_echo(hook)
         log.setLevel(level)
+
+
+def _loop_closed_echo(u) -> bool:
+    return isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+
+
+def _without_loop_closed_echo(hook):
+    """`hook` (sys.unraisablehook) less `_loop_closed_echo`; wrapped once."""
+    if getattr(hook, "drops_loop_closed_echo", False):
+        return hook
+
+    def unraisable(u):
+        if not _loop_closed_echo(u):
+            hook(u)
+
+    unraisable.drops_loop_closed_echo = True
+    return unraisable
 
 
 def abstract_like(state, shardings):
